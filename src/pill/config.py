@@ -1,0 +1,171 @@
+"""Dataclass configs loaded from plain dicts / YAML, validated on load.
+
+Every config in pill is a dataclass. :func:`from_dict` builds one from a mapping
+and rejects unknown keys and values of the wrong type with an error that names
+the field (``pill.adapter.r: expected int, got 'abc'``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from .errors import ConfigError
+
+T = typing.TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads "1e-3" as a string; accept numeric strings.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
+    """Build the dataclass ``cls`` from ``data``; unknown keys and bad values raise ConfigError."""
+    where = where or cls.__name__
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field {', '.join(repr(u) for u in unknown)}; "
+            f"valid fields: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if str(e).startswith(where):
+            raise
+        raise ConfigError(f"{where}.{e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a (nested) dataclass, for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class PillConfig:
+    """Which plug-ins go into the LLM and how they are shaped (design note, section 2).
+
+    Fields:
+        adapter: ``swiglu`` (default) or ``classic`` (``W_up(act(W_d z))``) for ablations.
+        r: adapter hidden size.
+        activation: activation of the classic adapter: ``gelu``, ``relu`` or ``none``.
+        attn_adapter: put an adapter on the attention input of every plugged layer.
+        momae: one FFN-input adapter expert per modality; ``False`` = one shared adapter.
+        num_modalities: number of modality experts (text = 0, image = 1, ...).
+        mag: gate the attention values of non-text tokens with ``tanh(g)``.
+        gate: ``token`` (``g = W_gate a``, per token and KV head) or ``head``
+            (one learned scalar per KV head and layer).
+        layers: indices of the decoder layers to plug; ``None`` = all layers.
+        init_std: std of the normal init of the adapters' down/gate projections.
+    """
+
+    adapter: Literal["swiglu", "classic"] = "swiglu"
+    r: int = 32
+    activation: Literal["gelu", "relu", "none"] = "gelu"
+    attn_adapter: bool = True
+    momae: bool = True
+    num_modalities: int = 2
+    mag: bool = True
+    gate: Literal["token", "head"] = "token"
+    layers: Optional[list[int]] = None
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"r: must be >= 1, got {self.r}")
+        if self.num_modalities < 2:
+            raise ConfigError(f"num_modalities: must be >= 2 (text and image), got {self.num_modalities}")
+        if self.init_std <= 0:
+            raise ConfigError(f"init_std: must be > 0, got {self.init_std}")
+        if self.layers is not None:
+            if not self.layers:
+                raise ConfigError("layers: must name at least one layer (or be null for all layers)")
+            if any(i < 0 for i in self.layers):
+                raise ConfigError(f"layers: indices must be >= 0, got {self.layers}")
+            if len(set(self.layers)) != len(self.layers):
+                raise ConfigError(f"layers: duplicate indices in {self.layers}")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "PillConfig":
+        return from_dict(cls, data, "pill")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)

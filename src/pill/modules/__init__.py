@@ -1,0 +1,6 @@
+"""The plug-ins: adapters, modality experts and the attention gate."""
+from .adapter import ClassicAdapter, SwiGLUAdapter, build_adapter
+from .experts import ModalityExperts
+from .gate import ModalityAttentionGate
+
+__all__ = ["SwiGLUAdapter", "ClassicAdapter", "build_adapter", "ModalityExperts", "ModalityAttentionGate"]
