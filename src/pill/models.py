@@ -74,3 +74,92 @@ def _atomic_save(obj, target: Path, marker: str) -> None:
             os.replace(tmp / n, target / n)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_llm(name: str = EMBEDDED_LLM, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load a causal LM: the embedded default, a local Hugging Face folder, or a hub id.
+
+    The embedded GGUF is de-quantised once and cached as safetensors; later loads
+    read the cache. Attention runs through SDPA.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if name == EMBEDDED_LLM:
+        cached = _embedded_cache()
+        if not (cached / "config.json").is_file():
+            gguf = smollm2_gguf()
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model.config.quantization_config = None
+            if hasattr(model, "hf_quantizer"):
+                model.hf_quantizer = None
+            _atomic_save(model, cached, marker="config.json")
+            load_tokenizer(EMBEDDED_LLM)  # cache the tokenizer alongside
+        source = str(cached)
+    else:
+        source = name
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+# Shapes of LLaMA-2-7B, for meta-device parameter counts (no weights, no download).
+LLM_PRESETS = {
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
+
+
+def build_llm_from_config(kind: str = "llama", device: str | torch.device = "cpu", seed: int = 0, **overrides):
+    """A random-init causal LM of family ``kind`` (``llama`` | ``mistral`` | ``qwen2``).
+
+    With no overrides it is tiny (2 layers, width 64, GQA 4/2 heads): the model tests use.
+    Build on ``device="meta"`` for parameter counts of real sizes.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if kind not in _CONFIG_CLASSES:
+        raise PillError(f"unknown model family {kind!r}; choose one of {', '.join(_CONFIG_CLASSES)}")
+    args = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512)
+    args.update({k: v for k, v in overrides.items() if k != "model_type"})
+    cfg = getattr(transformers, _CONFIG_CLASSES[kind])(**args)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model.eval()
+
+
+def build_llm_preset(name: str, device: str | torch.device = "meta"):
+    """A preset's architecture (``llama2-7b``, ``smollm2-135m``) without weights, on the meta device."""
+    if name not in LLM_PRESETS:
+        raise PillError(f"unknown LLM preset {name!r}; choose one of {', '.join(LLM_PRESETS)}")
+    args = dict(LLM_PRESETS[name])
+    return build_llm_from_config(args.pop("model_type"), device=device, **args)
+
+
+def fingerprint_llm(model) -> str:
+    """Stable hash of a base LLM's architecture and weights (plug-ins excluded)."""
+    import hashlib
+    import json
+
+    cfg = model.config.to_dict()
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size")
+    h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True).encode())
+    for n, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if "pill_" in n:
+            continue
+        n = n.replace(".base.", ".")  # same name plugged or not
+        if p.device.type == "meta":
+            h.update(f"{n}{tuple(p.shape)}".encode())
+            continue
+        flat = p.detach().reshape(-1)
+        h.update(n.encode() + flat[:: max(1, flat.numel() // 64)].to(torch.float64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -51,6 +51,12 @@ class PillHandle:
     hook: Optional[torch.utils.hooks.RemovableHandle] = None
 
 
+def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a plug-in in its own (float32) dtype on a possibly half-precision input; return x's dtype."""
+    dtype = next(module.parameters()).dtype
+    return module(x.to(dtype)).to(x.dtype) if x.dtype != dtype and not torch.is_autocast_enabled() else module(x)
+
+
 def _visual(state: PillState, x: torch.Tensor) -> Optional[torch.Tensor]:
     """(B, T) bool mask of non-text tokens for the current forward, or None."""
     m = state.modality_ids
@@ -74,7 +80,7 @@ class PillAttnInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         n1 = self.base(x)
-        return n1 + self.pill_adapter(n1)
+        return n1 + _in_own_dtype(self.pill_adapter, n1)
 
 
 class PillFFNInput(nn.Module):
@@ -99,7 +105,7 @@ class PillFFNInput(nn.Module):
                 mods = torch.where(mods == TEXT, IMAGE, torch.where(mods == IMAGE, TEXT, mods))
         elif state.swap_last and self.is_last:
             mods = torch.full(x.shape[:2], IMAGE, dtype=torch.long, device=x.device)
-        return n2 + self.pill_experts(n2, mods)
+        return n2 + self.pill_experts(n2, mods)  # the experts handle dtypes themselves
 
 
 class PillValueProj(nn.Module):
@@ -193,7 +199,9 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
             parent = layer.self_attn if sub.startswith("self_attn.") else layer
             attr = sub.split(".")[-1]
             handle.replaced[f"{name}.{sub}"] = getattr(parent, attr)
-            wrapper.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+            for child_name, child in wrapper.named_children():
+                if child_name.startswith(PREFIX):
+                    child.to(device=ref.device)  # plug-ins stay float32 (master weights), on the model's device
             setattr(parent, attr, wrapper)
 
     def take_modality_ids(module, args, kwargs):

@@ -1,0 +1,159 @@
+"""Datasets as ``Sample`` lists: ScienceQA, LLaVA JSON, and the built-in synthetic benchmark.
+
+Every loader returns a :class:`SampleList` (a plain list of :class:`Sample` that also
+carries a :class:`LoadReport` of what was read and what was skipped, and why).
+:mod:`pill.data.collate` turns samples into token ids with labels on the assistant
+turns only. This module stays import-light (no torch, no transformers).
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from ..errors import DataError
+
+IMAGE_TOKEN = "<image>"  # same placeholder as pill.processor.IMAGE_PLACEHOLDER
+
+
+@dataclass
+class Sample:
+    """One training or evaluation example.
+
+    Attributes:
+        id: unique name of the sample (the ScienceQA qid, the LLaVA ``id``).
+        messages: ``{"role": "system"|"user"|"assistant", "content": str}``; the text
+            holds one ``<image>`` placeholder per image, in the order of ``images``.
+        images: image file paths (``str``) or encoded image ``bytes``.
+        meta: loader-specific facts (ScienceQA: answer index, choices, subject, grade, ...).
+    """
+
+    id: str
+    messages: list[dict]
+    images: list[Union[str, bytes]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class BadSample(DataError):
+    """A malformed sample; ``reason`` is the key it is counted under when skipped."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class LoadReport:
+    """What a loader read and what it skipped, counted per reason (nothing is dropped silently).
+
+    Attributes:
+        source: the file or folder read.
+        total: samples seen; ``kept`` of them were returned.
+        skipped: reason -> number of samples skipped for it.
+        examples: reason -> the first few error messages.
+        counts: other facts (``with_image``, ``with_hint``, ...).
+    """
+
+    source: str
+    total: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, message: str, keep_examples: int = 3) -> None:
+        self.skipped[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < keep_examples:
+            shown.append(message)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        lines = [f"{self.source}: kept {self.kept} of {self.total} samples"]
+        for key, value in self.counts.items():
+            lines.append(f"  {key}: {value}")
+        for reason, n in sorted(self.skipped.items()):
+            lines.append(f"  skipped {n} ({reason}), e.g. {self.examples[reason][0]}")
+        return "\n".join(lines)
+
+    def print_if_skipped(self) -> None:
+        if self.skipped:
+            print(self.summary(), file=sys.stderr)
+
+
+class SampleList(list):
+    """A ``list[Sample]`` with the :class:`LoadReport` of the loader that built it."""
+
+    def __init__(self, samples=(), report: LoadReport | None = None):
+        super().__init__(samples)
+        self.report = report if report is not None else LoadReport(source="<memory>")
+
+
+def image_key(image: Union[str, bytes]) -> str:
+    """A stable name for an image: its path, or ``sha256:<hex>`` of its encoded bytes."""
+    if isinstance(image, (bytes, bytearray)):
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(image).hexdigest()
+    return str(image)
+
+
+def check_placeholders(sample: Sample, source: str) -> None:
+    """Raise BadSample unless the ``<image>`` placeholders match the images one to one."""
+    n = sum(m["content"].count(IMAGE_TOKEN) for m in sample.messages)
+    if n != len(sample.images):
+        what = (f"{n} {IMAGE_TOKEN} placeholder(s) but no image" if not sample.images else
+                f"{len(sample.images)} image(s) but no {IMAGE_TOKEN} placeholder" if n == 0 else
+                f"{n} {IMAGE_TOKEN} placeholder(s) but {len(sample.images)} image(s)")
+        raise BadSample(f"{source}: sample {sample.id}: {what}", "placeholder_mismatch")
+    for m in sample.messages:
+        if m["role"] == "assistant" and IMAGE_TOKEN in m["content"]:
+            raise BadSample(f"{source}: sample {sample.id}: {IMAGE_TOKEN} in an assistant turn",
+                            "placeholder_mismatch")
+
+
+def check_image(path_or_bytes: Union[str, bytes], sample_id: str, source: str, *, decode: bool,
+                max_pixels: int | None = None) -> None:
+    """Raise BadSample (missing_image / bad_image / image_too_large) for an unusable image.
+
+    ``decode=False`` only checks that a path exists; ``decode=True`` opens and decodes
+    the image fully with :func:`pill.data.images.load_image`.
+    """
+    import os
+
+    if isinstance(path_or_bytes, str) and not os.path.isfile(path_or_bytes):
+        raise BadSample(f"{source}: sample {sample_id}: image file not found: {path_or_bytes}", "missing_image")
+    if not decode:
+        return
+    from .images import DEFAULT_MAX_PIXELS, load_image
+
+    name = f"{source}: image of sample {sample_id}" if isinstance(path_or_bytes, (bytes, bytearray)) else None
+    try:
+        load_image(path_or_bytes, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, name=name)
+    except DataError as e:
+        text = str(e)
+        reason = "image_too_large" if ("above the limit" in text or "decompression bomb" in text) else "bad_image"
+        raise BadSample(f"sample {sample_id}: {text}", reason) from None
+
+
+def read_json(path, what: str = "JSON") -> Any:
+    """``json.load`` with a DataError naming the file, line and column of a syntax error."""
+    import json
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed {what} at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {what} file is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+__all__ = ["IMAGE_TOKEN", "Sample", "SampleList", "LoadReport", "BadSample", "image_key", "check_placeholders",
+           "check_image", "read_json"]

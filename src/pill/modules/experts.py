@@ -23,6 +23,9 @@ class ModalityExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, modality_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, T, d), modality_ids: (B, T) long or None (all text) -> expert output (B, T, d)."""
+        dtype = self.experts[0].w_up.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled():
+            return self.forward(x.to(dtype), modality_ids).to(x.dtype)
         if self.shared or modality_ids is None:
             return self.experts[0](x)
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
@@ -36,10 +39,11 @@ class ModalityExperts(nn.Module):
         present = [m for m, c in enumerate(counts) if c]
         if len(present) == 1:  # one modality only (text-only input, generation steps)
             return self.experts[present[0]](x)
-        out = torch.empty_like(flat)
-        for m in present:
-            idx = (mods == m).nonzero().squeeze(1)  # (N_m,)
-            out = out.index_copy(0, idx, self.experts[m](flat.index_select(0, idx)))
+        outs = [(m, (mods == m).nonzero().squeeze(1)) for m in present]  # (N_m,) token indices per modality
+        results = [self.experts[m](flat.index_select(0, idx)) for m, idx in outs]
+        out = flat.new_empty(flat.shape, dtype=results[0].dtype)
+        for (m, idx), r in zip(outs, results):
+            out.index_copy_(0, idx, r.to(out.dtype))
         return out.view_as(x)
 
     def forward_dense(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,11 @@ class ModalityAttentionGate(nn.Module):
         if idx.numel() == 0:
             return v
         v_flat = v.reshape(B * T, self.num_kv_heads, -1)  # (B*T, n_kv, hd)
-        g = self.gates(a.reshape(B * T, -1).index_select(0, idx))  # (N_vis, n_kv)
+        a_vis = a.reshape(B * T, -1).index_select(0, idx)
+        if self.variant == "token" and not torch.is_autocast_enabled():
+            a_vis = a_vis.to(self.w_gate.weight.dtype)
+        g = self.gates(a_vis).to(v.dtype)  # (N_vis, n_kv)
         if self.record:
             self.last_abs_gate = g.detach().abs().mean(0)  # (n_kv,)
         gated = v_flat.index_select(0, idx) * g.unsqueeze(-1)  # (N_vis, n_kv, hd)
-        return v_flat.index_copy(0, idx, gated).view(B, T, -1)
+        return v_flat.index_copy_(0, idx, gated).view(B, T, -1)  # v is a fresh projection output: safe in place

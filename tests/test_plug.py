@@ -1,0 +1,195 @@
+import pytest
+import torch
+
+from pill import ConfigError, PillConfig, plug, set_stage, unplug
+from pill.errors import UnsupportedModelError
+from pill.models import build_llm_from_config
+from pill.plug import PillAttnInput, PillFFNInput, PillValueProj, pill_parameters
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_text_only_logits_equal_base_model(kind):
+    model = build_llm_from_config(kind)
+    ids = torch.randint(0, 2000, (2, 16))
+    with torch.no_grad():
+        base = model(ids).logits
+        plug(model, PillConfig())
+        plugged = model(ids).logits
+    assert (plugged - base).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_unplug_restores_modules_and_flags(kind):
+    model = build_llm_from_config(kind)
+    model.lm_head.weight.requires_grad_(True)
+    before = {n: (m, [p.requires_grad for p in m.parameters(recurse=False)]) for n, m in model.named_modules()}
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    plug(model)
+    assert any(isinstance(m, PillValueProj) for m in model.modules())
+    unplug(model)
+    after = dict(model.named_modules())
+    assert set(after) == set(before)
+    for n, (m, flags) in before.items():
+        assert after[n] is m
+        assert [p.requires_grad for p in m.parameters(recurse=False)] == flags
+    assert not hasattr(model, "pill_handle")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k])
+    ids = torch.randint(0, 2000, (1, 8))
+    model(ids, modality_ids=None)  # the pre-hook is gone: plain kwargs pass through
+
+
+def test_plug_wraps_three_submodules_per_layer_and_reports_them():
+    model = build_llm_from_config("llama", num_hidden_layers=3)
+    plug(model, PillConfig(layers=[0, 2]))
+    replaced = sorted(model.pill_handle.replaced)
+    assert replaced == sorted(f"model.layers.{i}.{s}" for i in (0, 2)
+                              for s in ("input_layernorm", "post_attention_layernorm", "self_attn.v_proj"))
+    assert isinstance(model.model.layers[0].input_layernorm, PillAttnInput)
+    assert isinstance(model.model.layers[2].post_attention_layernorm, PillFFNInput)
+    assert not isinstance(model.model.layers[1].input_layernorm, PillAttnInput)
+    # the base model is frozen; every trainable parameter is a plug-in
+    for n, p in model.named_parameters():
+        assert p.requires_grad == ("pill_" in n), n
+
+
+def test_sdpa_stays_in_use(monkeypatch):
+    model = build_llm_from_config("llama")
+    plug(model)
+    calls = []
+    orig = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 2000, (1, 6))
+    mods = torch.tensor([[0, 1, 1, 0, 0, 0]])
+    model(ids, modality_ids=mods)
+    assert model.config._attn_implementation == "sdpa"
+    assert len(calls) == model.config.num_hidden_layers
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        plug(model)
+
+
+def test_plug_twice_and_bad_layers():
+    model = build_llm_from_config("llama")
+    with pytest.raises(ValueError, match="pill.layers.*2 decoder layers"):
+        plug(model, PillConfig(layers=[0, 5]))
+    plug(model)
+    with pytest.raises(ValueError, match="already plugged"):
+        plug(model)
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"r": 0}, "pill.r"),
+    ({"rank": 4}, "'rank'"),
+    ({"gate": "layer"}, "pill.gate"),
+    ({"adapter": "lora"}, "pill.adapter"),
+    ({"mag": "yes"}, "pill.mag"),
+    ({"layers": [1, 1]}, "pill.layers"),
+    ({"num_modalities": 1}, "pill.num_modalities"),
+])
+def test_config_errors_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=field):
+        PillConfig.from_dict(data)
+
+
+def test_config_roundtrip():
+    cfg = PillConfig.from_dict({"r": 8, "gate": "head", "layers": [0, 1], "init_std": 1})
+    assert PillConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.init_std == 1.0
+
+
+def _trainable_groups(model):
+    from pill.plug import _group
+
+    return sorted({_group(n) for n, p in pill_parameters(model).items() if p.requires_grad})
+
+
+def test_stage_switching():
+    model = build_llm_from_config("llama")
+    plug(model)
+    assert _trainable_groups(model) == ["attn_adapter", "expert_0", "expert_1", "gate"]
+    set_stage(model, "align")
+    assert _trainable_groups(model) == ["expert_1"]
+    st = model.pill_handle.state
+    assert st.gate_enabled is False and st.swap_last is True
+    set_stage(model, "finetune")
+    assert st.gate_enabled is True and st.swap_last is False
+    with pytest.raises(ValueError, match="stage"):
+        set_stage(model, "pretrain")
+
+
+def _randomise(model):
+    for n, p in pill_parameters(model).items():
+        torch.nn.init.normal_(p, std=0.2)
+
+
+def test_align_swaps_last_layer_routing_and_skips_gates():
+    model = build_llm_from_config("llama")
+    plug(model)
+    _randomise(model)
+    set_stage(model, "align")
+    calls = {}
+    for i, layer in enumerate(model.model.layers):
+        for m, ex in enumerate(layer.post_attention_layernorm.pill_experts.experts):
+            ex.register_forward_hook(lambda mod, inp, out, key=(i, m): calls.setdefault(key, []).append(inp[0].shape[0]))
+    ids = torch.randint(0, 2000, (1, 6))
+    mods = torch.tensor([[0, 1, 1, 1, 0, 0]])
+    model(ids, modality_ids=mods)
+    assert calls[(0, 0)] == [3] and calls[(0, 1)] == [3]
+    # last layer: the image expert sees the 3 text tokens, the text expert the 3 image tokens
+    assert calls[(1, 1)] == [3] and calls[(1, 0)] == [3]
+    # gates are off in align: visual values pass unchanged
+    seen = []
+    model.model.layers[0].self_attn.v_proj.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    model.model.layers[0].self_attn.v_proj.base.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    model(ids, modality_ids=mods)
+    assert torch.equal(seen[0], seen[1])
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("variant", ["token", "head"])
+def test_zero_gates_zero_visual_values_in_every_layer(kind, variant):
+    model = build_llm_from_config(kind)
+    plug(model, PillConfig(gate=variant))
+    seen = []
+    for layer in model.model.layers:
+        layer.self_attn.v_proj.register_forward_hook(lambda m, i, o: seen.append(("gated", o.detach().clone())))
+        layer.self_attn.v_proj.base.register_forward_hook(lambda m, i, o: seen.append(("raw", o.detach().clone())))
+    ids = torch.randint(0, 2000, (2, 7))
+    mods = torch.tensor([[0, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]])
+    model(ids, modality_ids=mods)
+    visual = mods.bool()
+    pairs = [(seen[k][1], seen[k + 1][1]) for k in range(0, len(seen), 2)]
+    assert len(pairs) == model.config.num_hidden_layers
+    for raw, gated in pairs:
+        assert torch.equal(gated[visual], torch.zeros_like(gated[visual]))
+        assert torch.equal(gated[~visual], raw[~visual])
+        assert raw[visual].abs().sum() > 0
+
+
+def test_modality_ids_shape_mismatch_is_clear():
+    model = build_llm_from_config("llama")
+    plug(model)
+    with pytest.raises(ValueError, match="modality_ids has shape"):
+        model(torch.randint(0, 100, (1, 5)), modality_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_bf16_base_model_keeps_float32_plugins():
+    model = build_llm_from_config("llama").to(torch.bfloat16)
+    plug(model)
+    assert all(p.dtype == torch.float32 for p in pill_parameters(model).values())
+    _randomise(model)
+    out = model(torch.randint(0, 100, (1, 5)), modality_ids=torch.tensor([[0, 1, 1, 0, 0]])).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
