@@ -13,12 +13,13 @@ from pathlib import Path
 
 
 def _score_scienceqa(args: argparse.Namespace) -> int:
-    from pill.eval.scienceqa_score import _load_split, format_table, score_file
+    from pill.data.scienceqa import load_split
+    from pill.eval.scienceqa_score import format_table, score_file
 
     scores = score_file(
         args.predictions, args.data, args.split, official_fallback=args.official_fallback, seed=args.seed
     )
-    split_size = len(_load_split(args.data, args.split))
+    split_size = len(load_split(args.data, args.split))
     if scores["count"] < split_size:
         print(
             f"note: {split_size - scores['count']} of {split_size} problems in split {args.split!r} "
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sqa.add_argument("--predictions", required=True, metavar="FILE",
                      help='{"results": {qid: option_index}} (official format) or {qid: option_index}')
-    sqa.add_argument("--data", required=True, metavar="ROOT", help="folder with problems.json and pid_splits.json")
+    sqa.add_argument("--data", required=True, metavar="ROOT", help="ScienceQA folder: problems.json + pid_splits.json, or the parquet export")
     sqa.add_argument("--split", default="test", help="split of pid_splits.json (default: test)")
     sqa.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     sqa.add_argument("--official-fallback", action="store_true",

@@ -4,7 +4,7 @@ The reference scripts are strict: ScienceQA's ``run_gpt3.py`` and LaVIN's ``eval
 only accept ``The answer is X`` (case-sensitive, and the letter must be followed by
 some character, so a generation that ends right after the letter fails); LLaVA's
 ``eval_science_qa.py`` adds a bare letter and ``"X. ..."``. Anything else becomes a
-random option there. ``extract_answer`` accepts all of those and the other ways small
+random option (ScienceQA, LaVIN) or -1 (LLaVA) there. ``extract_answer`` accepts all of those and the other ways small
 models phrase an answer, and returns ``None`` instead of guessing, so the scorer can
 count unparsed answers (see ``pill.eval.scienceqa_score``).
 

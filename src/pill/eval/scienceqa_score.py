@@ -19,11 +19,12 @@ counted, unless ``official_fallback`` asks for the reference scripts' random gue
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pill.data import read_json
+from pill.data.scienceqa import load_problems, load_split
 from pill.errors import DataError
 
 CATEGORY_KEYS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
@@ -129,39 +130,6 @@ def score(
     return scores
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-
-
-def _load_problems(root: str | Path) -> dict[str, dict[str, Any]]:
-    """``ROOT/problems.json``: qid -> problem."""
-    path = Path(root) / "problems.json"
-    problems = _read_json(path, "ScienceQA problems file (expected ROOT/problems.json)")
-    if not isinstance(problems, dict):
-        raise DataError(f"{path}: expected an object mapping qid -> problem")
-    return problems
-
-
-def _load_split(root: str | Path, split: str) -> list[str]:
-    """The qids of one split from ``ROOT/pid_splits.json``."""
-    path = Path(root) / "pid_splits.json"
-    splits = _read_json(path, "ScienceQA split file (expected ROOT/pid_splits.json)")
-    if not isinstance(splits, dict):
-        raise DataError(f"{path}: expected an object mapping split -> list of qids")
-    if split not in splits:
-        raise DataError(f"{path}: no split {split!r}; it has {', '.join(sorted(splits))}")
-    qids = splits[split]
-    if not isinstance(qids, list):
-        raise DataError(f"{path}: split {split!r} is not a list of qids")
-    return [str(qid) for qid in qids]
-
-
 def _parse_prediction(value: Any, path: Path, qid: str) -> int | None:
     # LLaVA writes -1 and the GPT-3 script keeps "FAILED" for answers it could not parse.
     if value is None:
@@ -192,7 +160,7 @@ def load_predictions(path: str | Path) -> dict[str, int | None]:
     ``"FAILED"`` or ``null``; the last three mean unparsed.
     """
     path = Path(path)
-    data = _read_json(path, "predictions file")
+    data = read_json(path, "predictions")
     if isinstance(data, dict) and isinstance(data.get("results"), dict):
         data = data["results"]
     if not isinstance(data, dict):
@@ -208,14 +176,17 @@ def score_file(
     official_fallback: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Score a predictions file against ``data_root``'s ``problems.json`` and ``pid_splits.json``.
+    """Score a predictions file against the ScienceQA data at ``data_root``.
+
+    ``data_root`` is any layout ``pill.data.scienceqa`` reads: the official one
+    (``problems.json`` + ``pid_splits.json``) or the Hugging Face parquet export.
 
     Scores the problems of ``split`` that have a prediction, in split order, so the
     output of a ``--limit``-ed run can be scored; ``count`` says how many. A predicted
     qid that is not in the split is an error.
     """
-    problems = _load_problems(data_root)
-    split_qids = _load_split(data_root, split)
+    problems = load_problems(data_root)
+    split_qids = load_split(data_root, split, problems)
     predictions = load_predictions(predictions_path)
     in_split = set(split_qids)
     foreign = [qid for qid in predictions if qid not in in_split]
@@ -223,11 +194,11 @@ def score_file(
         shown = ", ".join(repr(q) for q in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise DataError(
             f"{predictions_path}: {len(foreign)} predicted qid(s) are not in split {split!r} "
-            f"of {Path(data_root) / 'pid_splits.json'}: {shown}"
+            f"of {data_root}: {shown}"
         )
     missing = [qid for qid in split_qids if qid not in problems]
     if missing:
-        raise DataError(f"{Path(data_root) / 'problems.json'}: split {split!r} lists qid {missing[0]!r}, which it lacks")
+        raise DataError(f"{data_root}: split {split!r} lists qid {missing[0]!r}, which has no problem")
     qids = [qid for qid in split_qids if qid in predictions]
     return score(predictions, problems, qids, official_fallback=official_fallback, seed=seed)
 

@@ -1,0 +1,294 @@
+"""Evaluate a PILL model on ScienceQA: generate (or rank) answers, write predictions, score.
+
+Two modes:
+
+- ``generate``: batched greedy decoding with the KV cache (left-padded batches of
+  similar length), then :func:`pill.eval.extract.extract_answer` reads the option.
+  This is how the papers measure.
+- ``likelihood``: no decoding. Every answer target starts with ``The answer is X.``
+  (:func:`pill.data.prompts.build_target`), so every option's target shares the tokens
+  of ``The answer is`` and first differs at the letter token. One forward pass per
+  batch over ``prompt + "The answer is"`` gives, at its last position, the
+  log-probability of each option's letter token::
+
+      score(option c) = log P(letter_c | prompt, "The answer is")
+
+  and the prediction is the option with the highest score. Because the shared prefix
+  has the same probability for every option, this ranks the options exactly as
+  ``log P("The answer is <letter_c>" | prompt)`` does; the tokens after the letter
+  (``.``, the explanation, end of turn) are not scored. The prompt and the prefix are
+  tokenised exactly as in training (:mod:`pill.data.collate`). For output formats that
+  put the explanation before the answer (``LA``, ``EA``, ``LEA``, ``ELA``) the model
+  was trained to write the explanation first, so this mode scores a continuation it
+  was never trained on; a warning says so.
+
+Files written to ``out_dir``:
+
+- ``predictions.json``: the official result format ``{"results": {qid: option_index}}``
+  (-1 for an answer that could not be read, as LLaVA writes it), plus ``split``,
+  ``prompt_format``, ``mode`` and ``count``;
+- ``generations.jsonl``: per problem ``qid``, ``prompt`` (its last 300 characters),
+  ``generation`` (the raw text; ``null`` in likelihood mode), ``option_logprobs``
+  (likelihood mode), ``prediction`` (index or ``null``), ``answer`` and ``correct``;
+- ``scores.json``: :func:`pill.eval.scienceqa_score.score` plus ``eval`` settings.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..errors import ConfigError, PillError
+
+MODES = ("generate", "likelihood")
+ANSWER_LETTERS = "ABCDE"  # pill.data.prompts.OPTION_LETTERS: ScienceQA has 2 to 5 options
+PROMPT_TAIL_CHARS = 300
+
+
+def default_max_new_tokens(prompt_format: str) -> int:
+    """8 tokens for the bare answer sentence (output ``A``), 256 when lectures/explanations are generated."""
+    from ..data.prompts import parse_format
+
+    _, output_format = parse_format(prompt_format)
+    return 8 if output_format == "A" else 256
+
+
+# -- likelihood ranking ---------------------------------------------------------------------
+
+def answer_prefix(processor, template: Optional[str] = None,
+                  letters: str = ANSWER_LETTERS) -> tuple[list[int], list[int]]:
+    """Token ids of the shared answer prefix and of each option letter, as training tokenises them.
+
+    Renders a one-turn conversation whose answer is ``The answer is X.`` for every letter
+    with the chat template, takes the answer's label text (:func:`pill.data.collate.chat_segments`)
+    and tokenises it. Returns ``(prefix_ids, letter_ids)``: the longest common prefix of the
+    letters' token sequences (``The answer is``) and the first token after it, one per letter.
+    Raises PillError when two letters share that token (the tokenizer merges the letter with
+    what follows), since ranking by one token is then impossible.
+    """
+    from ..data.collate import chat_segments
+
+    sequences = []
+    for letter in letters:
+        messages = [{"role": "user", "content": "Question"},
+                    {"role": "assistant", "content": f"The answer is {letter}."}]
+        label = "".join(text for text, is_label in chat_segments(messages, processor.tokenizer, template)
+                        if is_label)
+        sequences.append(processor.tokenize(label).input_ids)
+    n = 0
+    while all(len(s) > n for s in sequences) and len({s[n] for s in sequences}) == 1:
+        n += 1
+    if not all(len(s) > n for s in sequences) or len({s[n] for s in sequences}) != len(letters):
+        raise PillError("likelihood mode: this tokenizer does not give each option letter its own token after "
+                        "'The answer is'; use mode 'generate'")
+    return sequences[0][:n], [s[n] for s in sequences]
+
+
+@torch.no_grad()
+def option_logprobs(vlm, samples: Sequence, *, batch_size: int = 8, template: Optional[str] = None,
+                    progress: bool = False, desc: str = "ranking") -> list[list[float]]:
+    """``log P(letter_c | prompt, "The answer is")`` for every option c of every sample.
+
+    Args:
+        vlm: a :class:`~pill.vlm.PillVLM` with a tokenizer.
+        samples: ScienceQA :class:`~pill.data.Sample` (``meta["choices"]``); the last
+            (assistant) message, if any, is ignored.
+        batch_size: prompts per forward pass; image and text-only prompts can share a batch.
+    Returns one list per sample of ``len(choices)`` log-probabilities (floats), in sample order.
+    One forward pass per batch: (B, T) left-padded prompts + prefix -> last-position logits (B, V).
+    """
+    from ..data.collate import Collator, prompt_items
+    from ..processor import TEXT, Encoded
+
+    processor = vlm.processor
+    prefix, letter_ids = answer_prefix(processor, template)
+    items = prompt_items(samples, processor, template=template)
+    for item in items:
+        enc = item["encoded"]
+        item["encoded"] = Encoded(enc.input_ids + prefix, enc.modality_ids + [TEXT] * len(prefix),
+                                  num_images=enc.num_images)
+    collate = Collator(processor, padding_side="left")
+    out: list[Optional[list[float]]] = [None] * len(samples)
+    with _progress(len(samples), desc, progress) as bar:
+        for batch_idx in _length_batches(items, batch_size):
+            batch = collate([items[i] for i in batch_idx])
+            logits = vlm(**_model_inputs(batch, vlm.device), logits="last").logits  # (B, V)
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, letter_ids]  # (B, 5)
+            for row, i in enumerate(batch_idx):
+                out[i] = logp[row, :len(samples[i].meta["choices"])].tolist()
+            bar.update(len(batch_idx))
+    return out  # type: ignore[return-value]
+
+
+# -- generation -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_answers(vlm, samples: Sequence, *, batch_size: int = 8, max_new_tokens: int = 8,
+                     template: Optional[str] = None, progress: bool = False,
+                     desc: str = "generating") -> list[str]:
+    """Greedy answers (text, special tokens removed, cut at end of turn) to the samples' prompts.
+
+    Batches of ``batch_size`` prompts of similar length are left-padded and decoded together
+    with the KV cache (:meth:`pill.vlm.PillVLM.generate`). Returns one string per sample, in order.
+    """
+    from ..data.collate import Collator, prompt_items
+
+    processor = vlm.processor
+    items = prompt_items(samples, processor, template=template)
+    collate = Collator(processor, padding_side="left")
+    eos = vlm._eos_ids(None)
+    out: list[Optional[str]] = [None] * len(samples)
+    with _progress(len(samples), desc, progress) as bar:
+        for batch_idx in _length_batches(items, batch_size):
+            batch = collate([items[i] for i in batch_idx])
+            tokens = vlm.generate(**_model_inputs(batch, vlm.device), max_new_tokens=max_new_tokens)  # (B, N)
+            for row, i in enumerate(batch_idx):
+                ids = tokens[row].tolist()
+                cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
+                out[i] = processor.tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+            bar.update(len(batch_idx))
+    return out  # type: ignore[return-value]
+
+
+# -- the evaluation -------------------------------------------------------------------------
+
+def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: str = "QCM-A",
+                       limit: Optional[int] = None, batch_size: int = 8, max_new_tokens: Optional[int] = None,
+                       mode: str = "generate", out_dir=None, use_caption: bool = False,
+                       template: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+    """Answer the problems of one ScienceQA split, score them, and write the result files.
+
+    Args:
+        vlm: a :class:`~pill.vlm.PillVLM` with a tokenizer (e.g. from :func:`pill.inference.load_run`).
+        data_root: ScienceQA folder (official layout) or parquet export.
+        split: ``test``, ``val``, ``minitest``, ...
+        prompt_format: ``<input>-<output>`` as in training, e.g. ``QCM-A`` or ``QCM-ALE``.
+        limit: only the first ``limit`` problems of the split.
+        batch_size: prompts per batch (generation or forward pass).
+        max_new_tokens: generation length; default 8 for output ``A``, 256 otherwise.
+        mode: ``generate`` (greedy decoding + answer extraction) or ``likelihood``
+            (rank the option letters, see the module docstring).
+        out_dir: where ``predictions.json``, ``generations.jsonl`` and ``scores.json`` go
+            (created); ``None`` writes nothing.
+        use_caption: add ``captions.json`` captions to the context, as in training with captions.
+        template: chat template name or string (default: the tokenizer's own, as in training).
+
+    Returns the scores (``NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg`` percentages, ``topics``,
+    ``count``, ``unparsed``) plus ``split``, ``prompt_format``, ``mode``, ``seconds`` and
+    ``files`` (name -> path written; empty without ``out_dir``).
+    """
+    from ..data.prompts import parse_format
+    from ..data.scienceqa import load_scienceqa
+    from .extract import extract_answer
+    from .scienceqa_score import score
+
+    if mode not in MODES:
+        raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit: must be >= 1, got {limit}")
+    _, output_format = parse_format(prompt_format)
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(prompt_format)
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if vlm.processor is None:
+        raise PillError("the model has no tokenizer; build PillVLM with one")
+    if mode == "likelihood" and not output_format.startswith("A"):
+        warnings.warn(f"likelihood mode with output format {output_format}: the model was trained to write the "
+                      "explanation before 'The answer is X.', but the letter is scored right after the prompt",
+                      stacklevel=2)
+
+    start = time.perf_counter()
+    samples = load_scienceqa(data_root, split, prompt_format=prompt_format, use_caption=use_caption,
+                             limit=limit, progress=progress)
+    if not samples:
+        raise PillError(f"{data_root}: split {split!r} has no problems to evaluate")
+    desc = f"ScienceQA {split} ({mode})"
+    was_training = vlm.training
+    vlm.eval()
+    try:
+        if mode == "generate":
+            texts = generate_answers(vlm, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     template=template, progress=progress, desc=desc)
+            logprobs: list[Optional[list[float]]] = [None] * len(samples)
+            preds = [extract_answer(t, len(s.meta["choices"]), s.meta["choices"]) for t, s in zip(texts, samples)]
+        else:
+            logprobs = option_logprobs(vlm, samples, batch_size=batch_size, template=template, progress=progress,
+                                       desc=desc)
+            texts = [None] * len(samples)
+            preds = [max(range(len(lp)), key=lp.__getitem__) for lp in logprobs]
+    finally:
+        vlm.train(was_training)
+
+    predictions = {s.id: p for s, p in zip(samples, preds)}
+    problems = {s.id: s.meta["problem"] for s in samples}
+    scores = score(predictions, problems, [s.id for s in samples])
+    seconds = time.perf_counter() - start
+    info = {"split": split, "prompt_format": prompt_format, "mode": mode, "limit": limit,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens if mode == "generate" else None,
+            "use_caption": use_caption, "seconds": round(seconds, 3),
+            "run": getattr(vlm, "run_info", {}).get("run_dir")}
+
+    files: dict[str, str] = {}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"predictions": str(out / "predictions.json"), "generations": str(out / "generations.jsonl"),
+                 "scores": str(out / "scores.json")}
+        _write_json(files["predictions"], {
+            "split": split, "prompt_format": prompt_format, "mode": mode, "count": len(samples),
+            "results": {qid: (-1 if p is None else p) for qid, p in predictions.items()}})
+        with open(files["generations"], "w", encoding="utf-8") as f:
+            for s, text, lp, p in zip(samples, texts, logprobs, preds):
+                record = {"qid": s.id, "prompt": _prompt_text(s, vlm.processor, template)[-PROMPT_TAIL_CHARS:],
+                          "generation": text}
+                if lp is not None:
+                    record["option_logprobs"] = [round(x, 5) for x in lp]
+                record.update(prediction=p, answer=s.meta["answer"], correct=p == s.meta["answer"])
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        _write_json(files["scores"], {**scores, "eval": info})
+    return {**scores, "split": split, "prompt_format": prompt_format, "mode": mode,
+            "seconds": seconds, "files": files}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def _model_inputs(batch: dict, device) -> dict[str, torch.Tensor]:
+    keys = ("input_ids", "attention_mask", "modality_ids", "pixel_values")
+    return {k: batch[k].to(device) for k in keys if k in batch}
+
+
+def _length_batches(items: Sequence[dict], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar prompt length, longest first (least padding; memory errors show early)."""
+    from ..data.collate import LengthGroupedBatchSampler
+
+    lengths = [len(it["encoded"]) for it in items]
+    return LengthGroupedBatchSampler(lengths, batch_size, shuffle=False).batches()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="problem", disable=None if enabled else True, leave=False)
+
+
+def _prompt_text(sample, processor, template: Optional[str]) -> str:
+    from ..data.prompts import render_chat
+
+    messages = sample.messages[:-1] if sample.messages and sample.messages[-1]["role"] == "assistant" \
+        else sample.messages
+    return render_chat(processor.tokenizer, messages, template, add_generation_prompt=True)
+
+
+def _write_json(path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+__all__ = ["MODES", "evaluate_scienceqa", "generate_answers", "option_logprobs", "answer_prefix",
+           "default_max_new_tokens"]

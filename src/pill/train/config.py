@@ -1,0 +1,180 @@
+"""Training configs: YAML -> validated dataclasses. Unknown keys and bad values name the field."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from ..config import PillConfig, from_dict, to_dict
+from ..errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Which frozen models to plug together."""
+
+    llm: str = "smollm2-135m-instruct"  # embedded default, HF folder or hub id
+    vpg: Literal["efficientnet-lite0", "blip2-qformer", "clip"] = "efficientnet-lite0"
+    vpg_path: Optional[str] = None  # BLIP-2 / CLIP checkpoint folder or hub id
+    pool: Optional[int] = None  # EfficientNet only: pool the 7x7 grid to pool x pool tokens
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the frozen weights
+    # Smoke tests: tiny random-init models (llm then names a family: llama | mistral | qwen2).
+    random_init: bool = False
+
+    def __post_init__(self):
+        if self.random_init and self.llm not in ("llama", "mistral", "qwen2"):
+            raise ConfigError(f"llm: with random_init it names a family (llama, mistral, qwen2), got {self.llm!r}")
+        if self.vpg in ("blip2-qformer", "clip") and not self.vpg_path:
+            raise ConfigError(f"vpg_path: required for vpg {self.vpg!r} (a checkpoint folder or hub id)")
+        if self.pool is not None and (self.vpg != "efficientnet-lite0" or not 1 <= self.pool <= 7):
+            raise ConfigError("pool: only for vpg efficientnet-lite0, between 1 and 7")
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from and how they become prompts."""
+
+    format: Literal["scienceqa", "llava"] = "scienceqa"
+    root: Optional[str] = None  # ScienceQA folder (official layout or parquet export)
+    split: str = "train"
+    prompt_format: str = "QCM-A"  # ScienceQA input-output format, e.g. QCM-ALE
+    use_caption: bool = False
+    json: Optional[str] = None  # LLaVA JSON file
+    image_folder: Optional[str] = None  # LLaVA image folder
+    max_length: int = 512
+    wrong_answer_p: float = 0.0  # random-wrong-answer augmentation (paper: 0.1)
+    skip_bad: bool = False  # skip (and count) malformed samples instead of stopping
+    too_long: Literal["skip", "error"] = "skip"
+    limit: Optional[int] = None  # use only the first N samples
+
+    def __post_init__(self):
+        if self.format == "scienceqa" and not self.root:
+            raise ConfigError("root: required for format scienceqa")
+        if self.format == "llava" and not self.json:
+            raise ConfigError("json: required for format llava")
+        if not 0.0 <= self.wrong_answer_p <= 1.0:
+            raise ConfigError(f"wrong_answer_p: must be in [0, 1], got {self.wrong_answer_p}")
+        if self.max_length < 8:
+            raise ConfigError(f"max_length: must be >= 8, got {self.max_length}")
+        if self.format == "scienceqa":
+            from ..data.prompts import parse_format
+
+            try:
+                parse_format(self.prompt_format)
+            except Exception as e:
+                raise ConfigError(f"prompt_format: {e}") from None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with cosine decay after a linear warm-up."""
+
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.05
+    epochs: int = 1
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 4  # global batch (samples per optimizer step), independent of the process count
+    micro_batch_size: int = 4  # per process and forward pass; gradients accumulate up to batch_size
+    grad_clip: Optional[float] = 1.0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError("batch_size and micro_batch_size: must be >= 1")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas: must be two numbers, got {self.betas}")
+
+
+@dataclass
+class RunConfig:
+    """Engine settings: precision, checkpoints, logging, caches."""
+
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, float32 on CPU
+    gradient_checkpointing: bool = False
+    save_every: int = 100  # optimizer steps between resumable checkpoints
+    keep_last: int = 2
+    log_every: int = 1
+    tensorboard: bool = False
+    feature_cache: bool = True  # compute frozen VPG features once, reuse them every epoch
+    cache_dir: Optional[str] = None  # default: <pill cache>/features
+    output_dir: Optional[str] = None
+
+    def __post_init__(self):
+        if self.save_every < 1 or self.keep_last < 1 or self.log_every < 1:
+            raise ConfigError("save_every, keep_last and log_every: must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage. ``init_from``: a finished run whose plug-ins this stage starts from."""
+
+    stage: Literal["align", "finetune"] = "finetune"
+    init_from: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pill: PillConfig = field(default_factory=PillConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(root="."))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "TrainConfig":
+        return from_dict(cls, data, where)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=1e-3")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Read a YAML training config, apply ``--set`` overrides, validate. Relative data paths
+    are resolved against the config file's folder when they exist there."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return TrainConfig.from_dict(data, where=path.name)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

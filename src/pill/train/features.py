@@ -1,0 +1,122 @@
+"""Cache of frozen VPG features: computed once per image, reused by every epoch and stage.
+
+Entries are keyed by the SHA-256 of the image's encoded bytes and stored in safetensors
+shards under a folder named by the VPG's fingerprint, so a changed image file or a
+different VPG never hits a stale entry. Writes are atomic (temporary file, then rename).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..data.images import load_image
+from ..errors import DataError
+
+ImageRef = Union[str, bytes]
+INDEX = "index.json"
+
+
+def content_key(image: ImageRef) -> str:
+    """SHA-256 hex of an image's encoded bytes (read from disk for a path)."""
+    if isinstance(image, (bytes, bytearray)):
+        return hashlib.sha256(image).hexdigest()
+    if isinstance(image, str) and image.startswith("sha256:"):
+        return image[len("sha256:"):]
+    try:
+        with open(image, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
+                hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise DataError(f"{image}: cannot read image file ({e.strerror or e})") from None
+
+
+def default_cache_root() -> Path:
+    from ..models import cache_dir
+
+    return cache_dir() / "features"
+
+
+class FeatureCache:
+    """Features of one VPG: ``get(keys) -> (N, K, d)``; ``build(images)`` fills what is missing."""
+
+    def __init__(self, root: Union[str, Path, None], vpg):
+        self.vpg = vpg
+        self.dir = Path(root or default_cache_root()) / f"{vpg.name}-{vpg.fingerprint()}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, str] = self._read_index()
+        self._handles: dict[str, object] = {}
+
+    def _read_index(self) -> dict[str, str]:
+        path = self.dir / INDEX
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return {}  # a damaged index only costs a recomputation
+
+    def _write_index(self) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".index.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._index, f)
+        os.replace(tmp, self.dir / INDEX)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        return [k for k in dict.fromkeys(keys) if k not in self._index]
+
+    @torch.no_grad()
+    def build(self, images: dict[str, ImageRef], batch_size: int = 32, shard_size: int = 1024,
+              progress: bool = True, device: Optional[torch.device] = None) -> int:
+        """Compute features for the images (key -> path or bytes) not yet cached. Returns how many."""
+        todo = [k for k in self.missing(images)]
+        if not todo:
+            return 0
+        device = device or next(self.vpg.parameters()).device
+        bar = tqdm(total=len(todo), desc=f"features ({self.vpg.name})", unit="img", disable=not progress)
+        for start in range(0, len(todo), shard_size):
+            chunk = todo[start:start + shard_size]
+            tensors: dict[str, torch.Tensor] = {}
+            for b in range(0, len(chunk), batch_size):
+                keys = chunk[b:b + batch_size]
+                pix = self.vpg.preprocess([load_image(images[k]) for k in keys]).to(device)
+                feats = self.vpg(pix).float().cpu()  # (n, K, d)
+                for k, f in zip(keys, feats):
+                    tensors[k] = f.contiguous()
+                bar.update(len(keys))
+            name = f"shard-{hashlib.sha256(''.join(chunk).encode()).hexdigest()[:12]}.safetensors"
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".shard.", suffix=".tmp")
+            os.close(fd)
+            save_file(tensors, tmp)
+            os.replace(tmp, self.dir / name)
+            self._index.update({k: name for k in chunk})
+            self._write_index()
+        bar.close()
+        return len(todo)
+
+    def get(self, keys: Sequence[str]) -> torch.Tensor:
+        """Stacked features (N, K, d) for ``keys`` (all must be cached)."""
+        out = []
+        for k in keys:
+            shard = self._index.get(k)
+            if shard is None:
+                raise KeyError(f"image {k[:12]}… has no cached features; run `pill features` or enable the cache")
+            h = self._handles.get(shard)
+            if h is None:
+                h = self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
+            out.append(h.get_tensor(k))
+        return torch.stack(out)

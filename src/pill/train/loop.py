@@ -1,0 +1,345 @@
+"""One training loop for both stages, on Hugging Face accelerate.
+
+``setup()`` builds the model, data and optimizer from a :class:`TrainConfig`; ``fit()`` runs
+the optimizer steps. The order of samples and the global batch depend only on the seed
+and the epoch, never on the number of processes: each global batch is split across the
+processes, and every process scales its summed token loss by (processes / answer tokens
+in the global batch), so the averaged gradient equals the single-process one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import CheckpointError, PillError
+from .checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, load_weights, rng_state,
+                         save_resume_state, save_weights, set_rng_state)
+from .config import TrainConfig, save_config
+
+
+class TrainingError(PillError):
+    """The run cannot go on (non-finite loss, empty data, ...); the last good checkpoint is kept."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    run_dir: Path
+    accelerator: Any
+    vlm: Any
+    model: Any  # the (possibly wrapped) module that is called
+    dataset: Any
+    sampler: Any
+    collator: Any
+    optimizer: Any
+    scheduler: Any
+    features: Any  # FeatureCache or None
+    feature_keys: dict = field(default_factory=dict)  # image ref -> cache key
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    fingerprints: dict = field(default_factory=dict)
+
+
+def load_dataset_samples(cfg: TrainConfig, progress: bool = True):
+    """The configured samples (a :class:`~pill.data.SampleList`)."""
+    d = cfg.data
+    if d.format == "scienceqa":
+        from ..data.scienceqa import load_scienceqa
+
+        return load_scienceqa(d.root, d.split, prompt_format=d.prompt_format, use_caption=d.use_caption,
+                              skip_bad=d.skip_bad, limit=d.limit, progress=progress)
+    from ..data.llava import load_llava
+
+    samples = load_llava(d.json, d.image_folder or os.path.dirname(d.json), skip_bad=d.skip_bad)
+    return samples[: d.limit] if d.limit else samples
+
+
+def build_vlm(cfg: TrainConfig, device: str = "cpu"):
+    """The model a config describes: real weights, or tiny random ones with ``model.random_init``."""
+    from ..vlm import PillVLM
+
+    m = cfg.model
+    if m.random_init:
+        from ..models import build_llm_from_config, load_tokenizer
+        from ..vpg.efficientnet import EfficientNetVPG
+
+        torch.manual_seed(0)
+        vpg = EfficientNetVPG(pretrained=False, pool=m.pool)
+        llm = build_llm_from_config(m.llm, seed=0)
+        torch.manual_seed(cfg.train.seed)
+        return PillVLM(llm, vpg, load_tokenizer(), cfg.pill).to(device)
+    return PillVLM.from_pretrained(m.llm, m.vpg, m.vpg_path, cfg.pill, pool=m.pool,
+                                   dtype=getattr(torch, m.dtype), device=device)
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return mp
+
+
+def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = True) -> Setup:
+    """Build everything a run needs. ``vlm``: a ready model (tests pass tiny ones)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ..data.collate import Collator, LengthGroupedBatchSampler, PillDataset
+    from ..models import fingerprint_llm
+
+    # cpu=True on machines without CUDA makes accelerate use gloo when launched with several processes.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    run_dir = Path(run_dir)
+    seed_everything(cfg.train.seed)
+    if vlm is None:
+        vlm = build_vlm(cfg, device=str(accelerator.device))
+    fingerprints = {"llm_fingerprint": fingerprint_llm(vlm.llm), "vpg_fingerprint": vlm.vpg.fingerprint()}
+    if cfg.init_from:
+        src = Path(cfg.init_from) / WEIGHTS
+        if not src.is_file():
+            raise CheckpointError(f"init_from: {src} not found (is {cfg.init_from} a finished pill run?)")
+        tensors, _ = load_weights(src, fingerprints)
+        vlm.load_pill_state_dict(tensors)
+    vlm.set_stage(cfg.stage)
+    if cfg.train.gradient_checkpointing:
+        vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    samples = load_dataset_samples(cfg, progress=progress and accelerator.is_main_process)
+    dataset = PillDataset(samples, vlm.processor, cfg.data.max_length, on_overflow=cfg.data.too_long,
+                          skip_bad=cfg.data.skip_bad, wrong_answer_p=cfg.data.wrong_answer_p,
+                          seed=cfg.train.seed, progress=progress and accelerator.is_main_process)
+    if len(dataset) == 0:
+        raise TrainingError(f"no training samples left in {cfg.data.root or cfg.data.json} (see the report above)")
+    sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.optim.batch_size, seed=cfg.train.seed)
+    features, feature_keys = None, {}
+    if cfg.train.feature_cache:
+        features, feature_keys = prepare_features(cfg, vlm, dataset.samples, accelerator, progress)
+    collator = Collator(vlm.processor, load_images=features is None)
+
+    steps_per_epoch = len(sampler)
+    total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    scheduler = _cosine(optimizer, int(cfg.optim.warmup_ratio * total), total, cfg.optim.min_lr_ratio)
+    model, optimizer = accelerator.prepare(vlm, optimizer)
+    return Setup(cfg, run_dir, accelerator, vlm, model, dataset, sampler, collator, optimizer, scheduler,
+                 features, feature_keys, steps_per_epoch, total, fingerprints)
+
+
+def _cosine(optimizer, warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_features(cfg: TrainConfig, vlm, samples, accelerator=None, progress: bool = True):
+    """Fill the feature cache for every image of ``samples``; returns (cache, image ref -> key)."""
+    from .features import FeatureCache, content_key
+
+    refs = {}
+    for s in samples:
+        for img in s.images:
+            ref = img if isinstance(img, str) else None
+            key = content_key(img)
+            refs[ref if ref is not None else "sha256:" + key] = (key, img)
+    cache = FeatureCache(cfg.train.cache_dir, vlm.vpg)
+    main = accelerator is None or accelerator.is_main_process
+    if main:
+        cache.build({k: img for k, img in refs.values()}, progress=progress)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        if not main:
+            cache = FeatureCache(cfg.train.cache_dir, vlm.vpg)
+    return cache, {ref: k for ref, (k, _) in refs.items()}
+
+
+def _label_tokens(encoded) -> int:
+    return sum(1 for t in encoded.labels[1:] if t != -100)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, progress: bool = True) -> dict:
+    """Run the optimizer steps (continuing from the last checkpoint with ``resume``); returns a summary."""
+    from tqdm.auto import tqdm
+
+    cfg, acc, run_dir = s.cfg, s.accelerator, s.run_dir
+    W, rank = acc.num_processes, acc.process_index
+    main = acc.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    step, last_loss = 0, float("nan")
+    if resume:
+        ckpts = list_checkpoints(run_dir)
+        if ckpts:
+            tensors, state = load_resume_state(ckpts[-1])
+            s.vlm.load_pill_state_dict(tensors)
+            s.optimizer.load_state_dict(state["optimizer"])
+            s.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+            step = state["step"]
+            if main:
+                print(f"resuming from {ckpts[-1]} (step {step})")
+        elif main:
+            print(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from the beginning")
+    total = min(s.total_steps, max_steps) if max_steps else s.total_steps
+    metrics_path = run_dir / "metrics.jsonl"
+    writer = _tensorboard(cfg, run_dir) if main else None
+    meta = {"pill_version": __version__, "stage": cfg.stage, "model": cfg.model.llm, "vpg": cfg.model.vpg,
+            "config": cfg.to_dict(), **s.fingerprints}
+    if main:
+        print(f"{cfg.stage}: {total} optimizer steps, global batch {cfg.optim.batch_size}, world size {W}, "
+              f"{s.vlm.num_trainable():,} trainable parameters -> {run_dir}", flush=True)
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", unit="step", disable=not (progress and main))
+    s.model.train()
+    t_start, tokens_seen = time.time(), 0
+    while step < total:
+        epoch, pos = divmod(step, s.steps_per_epoch)
+        s.dataset.set_epoch(epoch)
+        batches = s.sampler.batches(epoch)
+        global_batch = batches[pos]
+        loss_sum, n_tok, seq_tok = _train_step(s, global_batch, W, rank)
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"step {step + 1}: loss is {loss_sum}; stopping. The last good checkpoint is "
+                                f"kept in {run_dir}/checkpoints (lower optim.lr or check the data)")
+        if cfg.optim.grad_clip:
+            acc.clip_grad_norm_([p for p in s.vlm.parameters() if p.requires_grad], cfg.optim.grad_clip)
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = loss_sum / max(n_tok, 1)
+        tokens_seen += seq_tok
+        lr = s.scheduler.get_last_lr()[0]
+        if main:
+            elapsed = time.time() - t_start
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total:
+                rec = {"step": step, "epoch": epoch, "stage": cfg.stage, "loss": last_loss, "lr": lr,
+                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if writer is not None:
+                    writer.add_scalar("loss", last_loss, step)
+                    writer.add_scalar("lr", lr, step)
+        if step % cfg.train.save_every == 0 and step < total:
+            _save_resume(s, step, meta)
+    bar.close()
+    acc.wait_for_everyone()
+    if main:
+        save_weights(run_dir / WEIGHTS, s.vlm.pill_state_dict(), {**meta, "step": step})
+        if writer is not None:
+            writer.close()
+    return {"run_dir": str(run_dir), "steps": step, "final_loss": last_loss, "trainable": s.vlm.num_trainable()}
+
+
+def _save_resume(s: Setup, step: int, meta: dict) -> None:
+    rngs = s.accelerator.gather_for_metrics([rng_state()], use_gather_object=True) \
+        if s.accelerator.num_processes > 1 else [rng_state()]
+    if s.accelerator.is_main_process:
+        state = {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "rng": rngs,
+                 "step": step}
+        save_resume_state(s.run_dir, step, s.vlm.pill_state_dict(), {**meta, "step": step}, state,
+                          s.cfg.train.keep_last)
+    s.accelerator.wait_for_everyone()
+
+
+def _train_step(s: Setup, global_batch: list[int], W: int, rank: int) -> tuple[float, int, int]:
+    """Forward/backward of this process's share of one global batch. Returns the global
+    (loss sum, answer tokens, sequence tokens)."""
+    acc = s.accelerator
+    items_all = [s.dataset[i] for i in global_batch]
+    n_global = sum(_label_tokens(it["encoded"]) for it in items_all)
+    mine = items_all[rank::W]
+    per_rank = -(-len(items_all) // W)
+    m = s.cfg.optim.micro_batch_size
+    n_micro = max(1, -(-per_rank // m))
+    local_loss = 0.0
+    seq_tokens = 0
+    for j in range(n_micro):
+        chunk = mine[j * m:(j + 1) * m]
+        dummy = not chunk  # this process has no sample left: run one with zero weight to keep DDP in step
+        if dummy:
+            chunk = items_all[:1]
+        batch = _to_device(s.collator(chunk), acc.device)
+        if s.features is not None and batch["image_keys"]:
+            keys = [s.feature_keys[k] for k in batch["image_keys"]]
+            batch["image_features"] = s.features.get(keys).to(acc.device)
+        batch.pop("ids", None)
+        batch.pop("image_keys", None)
+        sync = j == n_micro - 1
+        ctx = acc.no_sync(s.model) if not sync and W > 1 else _null()
+        with ctx, acc.autocast():
+            out = s.model(**batch)
+            scale = 0.0 if dummy else W / max(n_global, 1)
+            loss = out.loss_sum * scale
+        acc.backward(loss)
+        if not dummy:
+            local_loss += float(out.loss_sum.detach())
+            seq_tokens += int(batch["attention_mask"].sum())
+    if W > 1:
+        t = torch.tensor([local_loss, float(seq_tokens)], device=acc.device, dtype=torch.float64)
+        t = acc.reduce(t, reduction="sum")
+        local_loss, seq_tokens = float(t[0]), int(t[1])
+    return local_loss, n_global, seq_tokens
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _tensorboard(cfg: TrainConfig, run_dir: Path):
+    if not cfg.train.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError("train.tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def train(cfg: TrainConfig, output_dir: str | Path | None = None, *, resume: bool = False,
+          max_steps: Optional[int] = None, vlm=None, progress: bool = True) -> dict:
+    """Set up and run one stage; returns a summary with the run directory."""
+    run_dir = Path(output_dir or cfg.train.output_dir or "runs/pill")
+    if not resume and (run_dir / WEIGHTS).is_file():
+        raise TrainingError(f"{run_dir} already holds a finished run; choose another --output or pass --resume")
+    if not resume and list_checkpoints(run_dir):
+        raise TrainingError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
+                            "or choose another --output")
+    s = setup(cfg, run_dir, vlm=vlm, progress=progress)
+    return fit(s, resume=resume, max_steps=max_steps, progress=progress)

@@ -1,0 +1,258 @@
+"""End-to-end training on tiny random models (CPU): both stages, resume after kill -9,
+1-vs-2-process equivalence, feature-cache equivalence, config validation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pill.errors import CheckpointError, ConfigError
+from pill.train.config import TrainConfig, apply_overrides, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    from pill.data.synth import make_synth
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synth(root, n_train=24, n_test=8, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def feature_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("features")
+
+
+def tiny_config(synth_root, feature_dir, **changes) -> dict:
+    cfg = {
+        "stage": "finetune",
+        "model": {"llm": "llama", "random_init": True, "pool": 2},
+        "data": {"format": "scienceqa", "root": str(synth_root), "split": "train", "prompt_format": "QCM-A",
+                 "max_length": 160},
+        "optim": {"lr": 3.0e-3, "epochs": 1, "batch_size": 8, "micro_batch_size": 4, "warmup_ratio": 0.1},
+        "train": {"save_every": 2, "keep_last": 2, "cache_dir": str(feature_dir), "log_every": 1},
+    }
+    for key, value in changes.items():
+        apply_overrides(cfg, [f"{key}={json.dumps(value)}"])
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "pill.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pill {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def weights(run_dir) -> dict:
+    return load_file(str(Path(run_dir) / "pill.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_stages_end_to_end(tmp_path, synth_root, feature_dir):
+    from pill.inference import load_run
+    from pill.train.loop import train
+
+    align = tiny_config(synth_root, feature_dir, stage="align")
+    apply_overrides(align, ["data.prompt_format=QCM-A"])
+    cfg1 = TrainConfig.from_dict(align)
+    s1 = train(cfg1, tmp_path / "align", progress=False)
+    assert s1["steps"] == 3  # 24 samples / batch 8
+    files = sorted(p.name for p in (tmp_path / "align").iterdir())
+    assert files == ["checkpoints", "config.yaml", "metrics.jsonl", "pill.safetensors"]
+    w1 = weights(tmp_path / "align")
+    # stage 1 trains the projector and the image experts only
+    assert all(k == "pill_projector.weight" or ".experts.1." in k for k in w1)
+    d, L, r = 64, 2, 32
+    assert sum(v.numel() for v in w1.values()) == s1["trainable"] == 1280 * d + L * 3 * d * r
+    metrics = [json.loads(l) for l in (tmp_path / "align" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["stage"] == "align" for m in metrics)
+
+    cfg2 = TrainConfig.from_dict(tiny_config(synth_root, feature_dir, init_from=str(tmp_path / "align")))
+    s2 = train(cfg2, tmp_path / "finetune", progress=False)
+    w2 = weights(tmp_path / "finetune")
+    n_kv = 2
+    assert s2["trainable"] == 1280 * d + L * (3 * 3 * d * r + d * n_kv)
+    assert sum(v.numel() for v in w2.values()) == s2["trainable"]
+    # the image experts started from stage 1 and moved on
+    k = "llm.model.layers.0.post_attention_layernorm.pill_experts.experts.1.w_up.weight"
+    assert not torch.equal(w1[k], w2[k])
+
+    vlm = load_run(tmp_path / "finetune")
+    assert vlm.run_info["stages"] == ["align", "finetune"]
+    for name, t in vlm.pill_state_dict(trainable_only=False).items():
+        if name in w2:
+            assert torch.equal(t, w2[name])
+
+
+def test_finished_run_is_not_overwritten(tmp_path, synth_root, feature_dir):
+    from pill.train.loop import TrainingError, train
+
+    cfg = TrainConfig.from_dict(tiny_config(synth_root, feature_dir))
+    train(cfg, tmp_path / "run", max_steps=1, progress=False)
+    with pytest.raises(TrainingError, match="already holds a finished run"):
+        train(cfg, tmp_path / "run", max_steps=1, progress=False)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, synth_root, feature_dir):
+    cfg = tiny_config(synth_root, feature_dir, **{"optim.epochs": 6, "train.save_every": 3})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    run_cli("train", path, "--output", tmp_path / "straight")
+
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pill.cli", "train", str(path), "--output", str(victim)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any((victim / "checkpoints").glob("step-*/COMPLETE")):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (victim / "pill.safetensors").exists()
+    out = run_cli("train", path, "--output", victim, "--resume")
+    assert "resuming from" in out.stdout
+    assert max_diff(weights(victim), weights(tmp_path / "straight")) <= 1e-6
+    steps = [json.loads(l)["step"] for l in (victim / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 18
+
+
+def test_two_processes_match_one(tmp_path, synth_root, feature_dir):
+    cfg = tiny_config(synth_root, feature_dir, **{"optim.epochs": 2})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    run_cli("train", path, "--output", tmp_path / "one")
+    port = 29500 + os.getpid() % 1000
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(port), "-m", "pill.cli", "train", str(path),
+                           "--output", str(tmp_path / "two")],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout + proc.stderr
+    assert max_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= 1e-5
+
+
+def test_feature_cache_gives_the_same_weights(tmp_path, synth_root, feature_dir):
+    from pill.train.loop import train
+
+    with_cache = TrainConfig.from_dict(tiny_config(synth_root, tmp_path / "cache"))
+    without = TrainConfig.from_dict(tiny_config(synth_root, tmp_path / "cache", **{"train.feature_cache": False}))
+    train(with_cache, tmp_path / "cached", max_steps=2, progress=False)
+    cache_files = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert cache_files, "the cache was not written"
+    train(without, tmp_path / "plain", max_steps=2, progress=False)
+    assert max_diff(weights(tmp_path / "cached"), weights(tmp_path / "plain")) <= 1e-5
+
+
+def test_feature_cache_invalidation(tmp_path, synth_root):
+    from PIL import Image
+
+    from pill.train.features import FeatureCache, content_key
+    from pill.vpg.efficientnet import EfficientNetVPG
+
+    torch.manual_seed(0)
+    vpg = EfficientNetVPG(pretrained=False, pool=1)
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(img)
+    cache = FeatureCache(tmp_path / "c", vpg)
+    k1 = content_key(str(img))
+    assert cache.build({k1: str(img)}, progress=False) == 1
+    assert cache.build({k1: str(img)}, progress=False) == 0  # already there
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(img)  # the file changes: a new key, recomputed
+    k2 = content_key(str(img))
+    assert k2 != k1 and k2 not in cache
+    torch.manual_seed(1)
+    other = FeatureCache(tmp_path / "c", EfficientNetVPG(pretrained=False, pool=1))
+    assert other.dir != cache.dir and k1 not in other  # another VPG never sees these entries
+    with torch.no_grad():
+        direct = vpg(vpg.preprocess([Image.new("RGB", (32, 32), (255, 0, 0))]))
+    assert torch.allclose(FeatureCache(tmp_path / "c", vpg).get([k1]), direct, atol=1e-6)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, synth_root, feature_dir):
+    from pill.train.loop import TrainingError, fit, setup
+
+    cfg = TrainConfig.from_dict(tiny_config(synth_root, feature_dir, **{"optim.epochs": 3}))
+    s = setup(cfg, tmp_path / "run", progress=False)
+    calls = {"n": 0}
+    original = s.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 2 * 3:  # steps 1-3 are fine (2 micro-batches each), then NaN
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    s.model.forward = poisoned
+    with pytest.raises(TrainingError, match="step 4: loss is nan"):
+        fit(s, progress=False)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-000002"]
+    assert not (tmp_path / "run" / "pill.safetensors").exists()
+
+
+def test_init_from_another_base_model_is_refused(tmp_path, synth_root, feature_dir):
+    from pill.train.loop import train
+
+    cfg = TrainConfig.from_dict(tiny_config(synth_root, feature_dir))
+    train(cfg, tmp_path / "llama", max_steps=1, progress=False)
+    other = TrainConfig.from_dict(tiny_config(synth_root, feature_dir, **{"model.llm": "qwen2",
+                                                                          "init_from": str(tmp_path / "llama")}))
+    with pytest.raises(CheckpointError, match="different base model"):
+        train(other, tmp_path / "qwen", max_steps=1, progress=False)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lrr=1", "'lrr'"),
+    ("optim.lr=-1", "optim.lr"),
+    ("stage=pretrain", "stage"),
+    ("pill.gate=everywhere", "pill.gate"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("data.prompt_format=QXM-A", "prompt_format"),
+    ("data.wrong_answer_p=2", "wrong_answer_p"),
+    ("model.vpg=clip", "vpg_path"),
+])
+def test_config_errors_name_the_field(tmp_path, synth_root, feature_dir, override, field):
+    path = write_config(tmp_path / "c.yaml", tiny_config(synth_root, feature_dir))
+    with pytest.raises(ConfigError, match=field):
+        load_config(path, [override])
+
+
+def test_cli_reports_config_errors_cleanly(tmp_path, synth_root, feature_dir):
+    path = write_config(tmp_path / "c.yaml", tiny_config(synth_root, feature_dir))
+    proc = run_cli("train", path, "--set", "optim.batchsize=3", check=False)
+    assert proc.returncode == 1
+    assert "unknown field 'batchsize'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.stage in ("align", "finetune")
+    if "paper" in path.parts:
+        assert cfg.pill.r == 32 and cfg.model.llm.startswith("meta-llama/Llama-2-7b")
+        assert (cfg.optim.lr, cfg.optim.batch_size, cfg.data.max_length) == \
+            ((1e-3, 32, 128) if cfg.stage == "align" else (2e-3, 4, 512))
+        assert cfg.optim.epochs == (3 if cfg.stage == "align" else 20)

