@@ -1,22 +1,21 @@
 """pill: plug a frozen vision encoder into a frozen LLM with adapter experts and attention gates."""
 from .config import PillConfig
 from .errors import ConfigError, DataError, PillError
-from .plug import plug, set_stage, unplug
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name):  # heavy modules load on first use
-    if name == "PillVLM":
-        from .vlm import PillVLM
-
-        return PillVLM
-    if name == "PillProcessor":
-        from .processor import PillProcessor
-
-        return PillProcessor
-    raise AttributeError(name)
+# Torch-heavy names load on first use, so that `import pill.data` stays light.
+_LAZY = {"PillVLM": "pill.vlm", "PillProcessor": "pill.processor", "plug": "pill.inject",
+         "unplug": "pill.inject", "set_stage": "pill.inject", "load_run": "pill.inference"}
 
 
-__all__ = ["PillConfig", "PillVLM", "PillProcessor", "plug", "unplug", "set_stage",
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pill' has no attribute {name!r}")
+
+
+__all__ = ["PillConfig", "PillVLM", "PillProcessor", "plug", "unplug", "set_stage", "load_run",
            "PillError", "ConfigError", "DataError", "__version__"]

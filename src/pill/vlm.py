@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .plug import PREFIX, PillValueProj, _group, is_plugged, plug, set_stage as _set_llm_stage
+from .inject import PREFIX, PillValueProj, _group, is_plugged, plug, set_stage as _set_llm_stage
 from .config import PillConfig
 from .errors import DataError
 from .processor import IMAGE, PillProcessor

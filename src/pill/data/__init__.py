@@ -102,22 +102,24 @@ def image_key(image: Union[str, bytes]) -> str:
     return str(image)
 
 
-def check_placeholders(sample: Sample, source: str) -> None:
-    """Raise BadSample unless the ``<image>`` placeholders match the images one to one."""
+def check_placeholders(sample: Sample, source: str, kind: str = "sample") -> None:
+    """Raise BadSample unless the ``<image>`` placeholders match the images one to one.
+
+    ``kind`` names the unit in messages ("sample", or "problem" for ScienceQA)."""
     n = sum(m["content"].count(IMAGE_TOKEN) for m in sample.messages)
     if n != len(sample.images):
         what = (f"{n} {IMAGE_TOKEN} placeholder(s) but no image" if not sample.images else
                 f"{len(sample.images)} image(s) but no {IMAGE_TOKEN} placeholder" if n == 0 else
                 f"{n} {IMAGE_TOKEN} placeholder(s) but {len(sample.images)} image(s)")
-        raise BadSample(f"{source}: sample {sample.id}: {what}", "placeholder_mismatch")
+        raise BadSample(f"{source}: {kind} {sample.id}: {what}", "placeholder_mismatch")
     for m in sample.messages:
         if m["role"] == "assistant" and IMAGE_TOKEN in m["content"]:
-            raise BadSample(f"{source}: sample {sample.id}: {IMAGE_TOKEN} in an assistant turn",
+            raise BadSample(f"{source}: {kind} {sample.id}: {IMAGE_TOKEN} in an assistant turn",
                             "placeholder_mismatch")
 
 
 def check_image(path_or_bytes: Union[str, bytes], sample_id: str, source: str, *, decode: bool,
-                max_pixels: int | None = None) -> None:
+                max_pixels: int | None = None, kind: str = "sample") -> None:
     """Raise BadSample (missing_image / bad_image / image_too_large) for an unusable image.
 
     ``decode=False`` only checks that a path exists; ``decode=True`` opens and decodes
@@ -126,18 +128,21 @@ def check_image(path_or_bytes: Union[str, bytes], sample_id: str, source: str, *
     import os
 
     if isinstance(path_or_bytes, str) and not os.path.isfile(path_or_bytes):
-        raise BadSample(f"{source}: sample {sample_id}: image file not found: {path_or_bytes}", "missing_image")
+        if os.path.exists(path_or_bytes):
+            raise BadSample(f"{source}: {kind} {sample_id}: image path is not a regular file: {path_or_bytes}",
+                            "bad_image")
+        raise BadSample(f"{source}: {kind} {sample_id}: image file not found: {path_or_bytes}", "missing_image")
     if not decode:
         return
     from .images import DEFAULT_MAX_PIXELS, load_image
 
-    name = f"{source}: image of sample {sample_id}" if isinstance(path_or_bytes, (bytes, bytearray)) else None
+    name = f"{source}: image of {kind} {sample_id}" if isinstance(path_or_bytes, (bytes, bytearray)) else None
     try:
         load_image(path_or_bytes, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, name=name)
     except DataError as e:
         text = str(e)
         reason = "image_too_large" if ("above the limit" in text or "decompression bomb" in text) else "bad_image"
-        raise BadSample(f"sample {sample_id}: {text}", reason) from None
+        raise BadSample(f"{kind} {sample_id}: {text}", reason) from None
 
 
 def read_json(path, what: str = "JSON") -> Any:

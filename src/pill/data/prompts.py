@@ -90,7 +90,7 @@ def build_input(problem: Mapping[str, Any], input_format: str = "QCM", *, captio
     b = [f"BECAUSE: {because}"] if because else []
     if input_format == "CQM":
         lines = [c, q, m]
-    elif input_format.endswith("M"):  # QCLM, QCEM, QCLEM: the explanation comes before the options
+    elif input_format in ("QCLM", "QCEM", "QCLEM"):  # the explanation comes before the options
         lines = [q, c, *b, m]
     else:  # QCM, QCML, QCME, QCMLE
         lines = [q, c, m, *b]
@@ -193,5 +193,6 @@ def resolve_template(tokenizer, template: Optional[str] = None) -> str:
 def render_chat(tokenizer, messages: Sequence[Mapping[str, str]], template: Optional[str] = None,
                 add_generation_prompt: bool = False) -> str:
     """Render ``messages`` as text with the chat template (see :func:`resolve_template`)."""
-    return tokenizer.apply_chat_template([dict(m) for m in messages], chat_template=resolve_template(tokenizer, template),
+    return tokenizer.apply_chat_template([dict(m) for m in messages],
+                                         chat_template=resolve_template(tokenizer, template),
                                          tokenize=False, add_generation_prompt=add_generation_prompt)

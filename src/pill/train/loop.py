@@ -66,8 +66,8 @@ def load_dataset_samples(cfg: TrainConfig, progress: bool = True):
                               skip_bad=d.skip_bad, limit=d.limit, progress=progress)
     from ..data.llava import load_llava
 
-    samples = load_llava(d.json, d.image_folder or os.path.dirname(d.json), skip_bad=d.skip_bad)
-    return samples[: d.limit] if d.limit else samples
+    return load_llava(d.json, d.image_folder or os.path.dirname(d.json), skip_bad=d.skip_bad, limit=d.limit,
+                      progress=progress)
 
 
 def build_vlm(cfg: TrainConfig, device: str = "cpu"):

@@ -4,7 +4,7 @@ import torch
 from pill import ConfigError, PillConfig, plug, set_stage, unplug
 from pill.errors import UnsupportedModelError
 from pill.models import build_llm_from_config
-from pill.plug import PillAttnInput, PillFFNInput, PillValueProj, pill_parameters
+from pill.inject import PillAttnInput, PillFFNInput, PillValueProj, pill_parameters
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 
@@ -111,7 +111,7 @@ def test_config_roundtrip():
 
 
 def _trainable_groups(model):
-    from pill.plug import _group
+    from pill.inject import _group
 
     return sorted({_group(n) for n, p in pill_parameters(model).items() if p.requires_grad})
 

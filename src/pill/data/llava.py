@@ -1,0 +1,125 @@
+"""LLaVA-format JSON: CC595K caption data (``chat.json``) and LLaVA-1.5 665k instructions.
+
+A file is a list of records (``.jsonl``: one record per line)::
+
+    {"id": "...", "image": "relative/path.jpg",          # optional; a list for several images
+     "conversations": [{"from": "human", "value": "<image>\\nDescribe it."},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+``human`` becomes ``user``, ``gpt`` becomes ``assistant`` (``system`` stays). The
+``<image>`` placeholders are kept where they are; records without an image are
+text-only samples.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..errors import DataError
+from . import BadSample, LoadReport, Sample, SampleList, check_image, check_placeholders, read_json
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _read_records(path: Path) -> list:
+    if path.suffix == ".jsonl":
+        records = []
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise DataError(f"{path}: LLaVA JSON file not found") from None
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: malformed JSON at line {n}, column {e.colno}: {e.msg}") from None
+        return records
+    data = read_json(path, "LLaVA JSON")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of records, got {type(data).__name__}")
+    return data
+
+
+def record_to_sample(record: Any, index: int, image_folder: Union[str, os.PathLike], source: str,
+                     system_prompt: Optional[str] = None) -> Sample:
+    """One LLaVA record -> Sample; raises BadSample (missing_field, bad_field, no_answer, placeholder_mismatch)."""
+    if not isinstance(record, dict):
+        raise BadSample(f"{source}: record {index}: expected an object, got {type(record).__name__}", "bad_field")
+    sid = str(record.get("id", f"#{index}"))
+    where = f"{source}: sample {sid}"
+    convs = record.get("conversations")
+    if convs is None:
+        raise BadSample(f"{where}: missing required field 'conversations'", "missing_field")
+    if not isinstance(convs, list) or not convs:
+        raise BadSample(f"{where}: 'conversations' must be a non-empty list", "bad_field")
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for t, turn in enumerate(convs):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise BadSample(f"{where}: turn {t} needs 'from' and 'value'", "missing_field")
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise BadSample(f"{where}: turn {t} has unknown speaker {turn['from']!r} "
+                            f"(expected one of {', '.join(ROLES)})", "bad_field")
+        if not isinstance(turn["value"], str):
+            raise BadSample(f"{where}: turn {t} 'value' must be a string", "bad_field")
+        messages.append({"role": role, "content": turn["value"]})
+    first = next((m for m in messages if m["role"] != "system"), None)
+    if first is None or first["role"] != "user":
+        raise BadSample(f"{where}: the conversation must start with a human turn", "bad_field")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadSample(f"{where}: no gpt turn to learn from", "no_answer")
+    image = record.get("image")
+    names = [] if image in (None, "") else [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise BadSample(f"{where}: 'image' must be a path or a list of paths", "bad_field")
+    images = [os.path.join(str(image_folder), n) for n in names]
+    sample = Sample(id=sid, messages=messages, images=images, meta={"source": "llava", "index": index})
+    check_placeholders(sample, source)
+    return sample
+
+
+def load_llava(json_path: Union[str, os.PathLike], image_folder: Union[str, os.PathLike], *, skip_bad: bool = False,
+               check_images: bool = False, max_pixels: Optional[int] = None, system_prompt: Optional[str] = None,
+               limit: Optional[int] = None, progress: bool = True) -> SampleList:
+    """Load a LLaVA JSON/JSONL file.
+
+    Args:
+        image_folder: the folder the records' ``image`` paths are relative to.
+        skip_bad: skip malformed records (counted per reason in ``.report``) instead of raising.
+        check_images: decode every image now; by default only their existence is checked
+            (decoding 600k images takes long; a bad image still fails, naming the file and
+            sample, when the collator loads it).
+    Returns a :class:`SampleList` (``report.counts``: with_image, text_only, multi_turn).
+    """
+    path = Path(json_path)
+    records = _read_records(path)
+    if limit is not None:
+        records = records[:limit]
+    source = str(path)
+    report = LoadReport(source=source)
+    counts = {"with_image": 0, "text_only": 0, "multi_turn": 0}
+    samples = SampleList(report=report)
+
+    from tqdm.auto import tqdm
+
+    for index, record in enumerate(tqdm(records, desc=path.name, disable=None if progress else True, leave=False)):
+        report.total += 1
+        try:
+            sample = record_to_sample(record, index, image_folder, source, system_prompt)
+            for img in sample.images:
+                check_image(img, sample.id, source, decode=check_images, max_pixels=max_pixels)
+        except BadSample as e:
+            if not skip_bad:
+                raise
+            report.skip(e.reason, str(e))
+            continue
+        counts["with_image" if sample.images else "text_only"] += 1
+        counts["multi_turn"] += sum(m["role"] == "assistant" for m in sample.messages) > 1
+        samples.append(sample)
+    report.kept = len(samples)
+    report.counts = counts
+    report.print_if_skipped()
+    return samples

@@ -1,0 +1,419 @@
+"""ScienceQA: the official layout and the Hugging Face parquet export, as Samples.
+
+Official layout (``root/``)::
+
+    problems.json            qid -> problem (question, choices, answer, hint, image, ...)
+    pid_splits.json          split -> [qid, ...]  (train, val, test, minitest, ...)
+    captions.json            optional, {"captions": {qid: text}}
+    images/<split>/<qid>/image.png   (``<split>/<qid>/image.png`` under root also works)
+
+Hugging Face export: parquet files with one row per problem, the image as
+``{"bytes", "path"}``, and the same fields; the split comes from a ``split`` column
+or the file name (``train-0000-of-0001.parquet``, ``validation-...``, ``test-...``).
+Rows get qids from an ``id``/``qid``/``pid`` column, else ``<split>-<row>``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..errors import DataError
+from . import BadSample, LoadReport, Sample, SampleList, check_image, check_placeholders, read_json
+from .prompts import OPTION_LETTERS, build_target, parse_format, scienceqa_messages
+
+PathLike = Union[str, os.PathLike]
+
+REQUIRED_FIELDS = ("question", "choices", "answer")
+_PARQUET_FIELDS = ("question", "choices", "answer", "hint", "task", "grade", "subject", "topic", "category",
+                   "skill", "lecture", "solution")
+_SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
+_SPLIT_FROM_NAME = re.compile(r"^(minitrain|minival|minitest|trainval|train|validation|valid|val|test|dev)(?![a-z])")
+
+
+def _split_name(name: str) -> str:
+    return _SPLIT_ALIASES.get(name, name)
+
+
+# -- sources ----------------------------------------------------------------------------
+
+def _parquet_files(root: Path) -> list[Path]:
+    if root.is_file() and root.suffix == ".parquet":
+        return [root]
+    if root.is_dir() and not (root / "problems.json").is_file():
+        return sorted(root.rglob("*.parquet"))
+    return []
+
+
+def _is_official(root: Path) -> bool:
+    return root.is_dir() and (root / "problems.json").is_file()
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        raise DataError(f"{root}: ScienceQA root not found")
+    if not _is_official(root) and not _parquet_files(root):
+        raise DataError(f"{root}: not a ScienceQA folder (no problems.json) and no parquet files found")
+
+
+def _image_field(value: Any, file: Path, row: int) -> Optional[bytes]:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value) or None
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data:
+            return bytes(data)
+        if value.get("path"):
+            raise DataError(f"{file}: row {row}: image given only as a path ({value['path']!r}), no bytes")
+        return None
+    raise DataError(f"{file}: row {row}: image column holds {type(value).__name__}, expected bytes or a struct")
+
+
+def _read_parquet(files: list[Path], with_images: bool = True) -> tuple[dict[str, dict], dict[str, Optional[bytes]]]:
+    """Problems (qid -> problem dict with ``split`` and ``image``) and their image bytes."""
+    import pyarrow.parquet as pq
+
+    problems: dict[str, dict] = {}
+    images: dict[str, Optional[bytes]] = {}
+    rows_per_split: dict[str, int] = {}
+    for file in files:
+        try:
+            table = pq.read_table(file)
+        except Exception as e:  # pyarrow raises several unrelated types for bad files
+            raise DataError(f"{file}: cannot read parquet file ({e})") from None
+        names = table.column_names
+        missing = [c for c in REQUIRED_FIELDS if c not in names]
+        if missing:
+            raise DataError(f"{file}: parquet file lacks the column(s) {', '.join(missing)} (has: {', '.join(names)})")
+        if "split" not in names:
+            m = _SPLIT_FROM_NAME.match(file.name.lower())
+            if not m:
+                raise DataError(f"{file}: no 'split' column and the file name does not start with a split name "
+                                "(train, validation, test, ...)")
+            file_split = _split_name(m.group(1))
+        id_column = next((c for c in ("qid", "pid", "id") if c in names), None)
+        columns = [c for c in names if c != "image" or with_images]
+        for row, record in enumerate(table.select(columns).to_pylist()):
+            split = _split_name(str(record["split"])) if "split" in names else file_split
+            index = rows_per_split.get(split, 0)
+            rows_per_split[split] = index + 1
+            qid = str(record[id_column]) if id_column else f"{split}-{index}"
+            if qid in problems:
+                raise DataError(f"{file}: row {row}: duplicate problem id {qid!r}")
+            image = _image_field(record.pop("image", None), file, row) if with_images else None
+            problem = {k: record.get(k) for k in _PARQUET_FIELDS if k in record}
+            problem["image"] = "image.png" if image is not None else None
+            problem["split"] = split
+            problems[qid] = problem
+            images[qid] = image
+    return problems, images
+
+
+def load_problems(root: PathLike) -> dict[str, dict]:
+    """qid -> raw problem dict (the scorer's input), from either layout."""
+    root = Path(root)
+    _check_root(root)
+    if _is_official(root):
+        problems = read_json(root / "problems.json", "problems.json")
+        if not isinstance(problems, dict):
+            raise DataError(f"{root / 'problems.json'}: expected an object qid -> problem, "
+                            f"got {type(problems).__name__}")
+        return problems
+    # the image column is read only to know which problems have an image
+    problems, _ = _read_parquet(_parquet_files(root), with_images=True)
+    return problems
+
+
+def _read_splits(root: Path) -> dict[str, list[str]]:
+    path = root / "pid_splits.json"
+    splits = read_json(path, "pid_splits.json")
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        raise DataError(f"{path}: expected an object split -> list of qids")
+    return splits
+
+
+def load_split(root: PathLike, split: str, problems: Optional[dict] = None) -> list[str]:
+    """The qids of ``split`` (``pid_splits.json``, or the parquet rows of that split), in file order."""
+    root = Path(root)
+    _check_root(root)
+    if _is_official(root):
+        splits = _read_splits(root)
+        key = split if split in splits else _split_name(split)
+        if key not in splits:
+            raise DataError(f"{root / 'pid_splits.json'}: no split {split!r}; available: {', '.join(splits)}")
+        return [str(q) for q in splits[key]]
+    problems = problems if problems is not None else load_problems(root)
+    want = _split_name(split)
+    qids = [q for q, p in problems.items() if p.get("split") == want]
+    if not qids:
+        available = sorted({p.get("split") for p in problems.values()})
+        raise DataError(f"{root}: no problems in split {split!r}; available: {', '.join(map(str, available))}")
+    return qids
+
+
+def load_captions(path: PathLike) -> dict[str, str]:
+    """``captions.json`` -> qid -> caption."""
+    data = read_json(path, "captions.json")
+    captions = data.get("captions") if isinstance(data, dict) else None
+    if not isinstance(captions, dict):
+        raise DataError(f"{path}: expected an object with a 'captions' object (qid -> text)")
+    return {str(k): str(v) for k, v in captions.items()}
+
+
+# -- validation -------------------------------------------------------------------------
+
+def validate_problem(problem: Any, qid: str, source: str, need: str = "") -> None:
+    """Raise BadSample (reason: missing_field, bad_field, empty_choices, too_many_choices, bad_answer).
+
+    ``need`` lists extra text fields the format uses: ``L`` lecture, ``E`` solution.
+    """
+    where = f"{source}: problem {qid}"
+    if not isinstance(problem, dict):
+        raise BadSample(f"{where}: expected an object, got {type(problem).__name__}", "bad_field")
+    required = list(REQUIRED_FIELDS) + [f for c, f in (("L", "lecture"), ("E", "solution")) if c in need]
+    missing = [f for f in required if f not in problem or problem[f] is None]
+    if missing:
+        raise BadSample(f"{where}: missing required field(s) {', '.join(missing)}", "missing_field")
+    if not isinstance(problem["question"], str):
+        raise BadSample(f"{where}: 'question' must be a string", "bad_field")
+    choices = problem["choices"]
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise BadSample(f"{where}: 'choices' must be a list of strings", "bad_field")
+    if not choices:
+        raise BadSample(f"{where}: 'choices' is empty", "empty_choices")
+    if len(choices) > len(OPTION_LETTERS):
+        raise BadSample(f"{where}: {len(choices)} choices, at most {len(OPTION_LETTERS)} are supported",
+                        "too_many_choices")
+    answer = problem["answer"]
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        raise BadSample(f"{where}: 'answer' must be an integer option index, got {answer!r}", "bad_field")
+    if not 0 <= answer < len(choices):
+        raise BadSample(f"{where}: answer index {answer} is out of range for {len(choices)} choices", "bad_answer")
+    for key in ("hint", "lecture", "solution"):
+        if problem.get(key) is not None and not isinstance(problem[key], str):
+            raise BadSample(f"{where}: {key!r} must be a string", "bad_field")
+    if problem.get("image") is not None and not isinstance(problem["image"], str):
+        raise BadSample(f"{where}: 'image' must be a file name or null", "bad_field")
+
+
+def image_path(root: PathLike, qid: str, problem: dict, split: str) -> tuple[str, list[str]]:
+    """Where the image of ``problem`` is: the first existing candidate (and all candidates tried).
+
+    Tries ``images/<s>/<qid>/<name>`` then ``<s>/<qid>/<name>`` for ``s`` the problem's own
+    split, then the requested one (``minitest`` problems live in ``test/``).
+    """
+    root = Path(root)
+    name = problem.get("image") or "image.png"
+    candidates = []
+    for s in dict.fromkeys(x for x in (problem.get("split"), split, _split_name(split)) if x):
+        candidates += [str(root / "images" / s / qid / name), str(root / s / qid / name)]
+    found = next((c for c in candidates if os.path.exists(c)), None)
+    return (found or candidates[0]), candidates
+
+
+# -- random wrong answer ------------------------------------------------------------------
+
+def draw_answer(seed: int, epoch: int, qid: str, answer: int, num_choices: int, p: float) -> int:
+    """The option index to train on this epoch: ``answer``, or with probability ``p`` another one.
+
+    Depends only on (seed, epoch, qid): the same in every process and worker, and
+    re-drawn each epoch.
+    """
+    if p <= 0 or num_choices < 2:
+        return answer
+    rng = random.Random(f"pill-wrong-answer:{seed}:{epoch}:{qid}")
+    if rng.random() >= p:
+        return answer
+    wrong = rng.randrange(num_choices - 1)
+    return wrong + (wrong >= answer)
+
+
+def retarget(sample: Sample, answer: int) -> Sample:
+    """A copy of a ScienceQA sample whose target states option ``answer``."""
+    meta = sample.meta
+    if meta.get("target_answer") == answer:
+        return sample
+    _, output_format = parse_format(meta["format"])
+    target = build_target(meta["problem"], output_format, answer=answer, **meta.get("text_options", {}))
+    messages = list(sample.messages[:-1]) + [{"role": "assistant", "content": target}]
+    return replace(sample, messages=messages, meta={**meta, "target_answer": answer})
+
+
+def augment_wrong_answers(samples: list[Sample], p: float, seed: int, epoch: int) -> list[Sample]:
+    """Samples with their targets re-drawn for ``epoch`` (samples without a ScienceQA answer are kept)."""
+    out = []
+    for s in samples:
+        if "answer" in s.meta and "format" in s.meta:
+            s = retarget(s, draw_answer(seed, epoch, s.id, s.meta["answer"], len(s.meta["choices"]), p))
+        out.append(s)
+    return out
+
+
+def can_retarget(sample: Sample) -> bool:
+    return all(k in sample.meta for k in ("answer", "choices", "format", "problem"))
+
+
+# -- loading ----------------------------------------------------------------------------
+
+def load_scienceqa(
+    root: PathLike,
+    split: str,
+    *,
+    input_format: str = "QCM",
+    output_format: str = "A",
+    prompt_format: Optional[str] = None,
+    use_caption: bool = False,
+    captions: Optional[PathLike] = None,
+    skip_bad: bool = False,
+    check_images: bool = True,
+    max_pixels: Optional[int] = None,
+    wrong_answer_p: float = 0.0,
+    seed: int = 0,
+    epoch: int = 0,
+    system_prompt: Optional[str] = None,
+    limit: Optional[int] = None,
+    escape_newlines: bool = False,
+    reference_al_ae_swap: bool = False,
+    progress: bool = True,
+) -> SampleList:
+    """Load one split of ScienceQA as chat samples.
+
+    Args:
+        root: the official folder, a folder of parquet files, or one parquet file.
+        split: any split of ``pid_splits.json`` (``train``, ``val``, ``test``, ``minitest``...).
+        input_format, output_format: see :mod:`pill.data.prompts`; ``prompt_format="QCM-ALE"``
+            sets both at once.
+        use_caption: add the caption (``captions.json`` under root, or ``captions``) to the context.
+        skip_bad: skip malformed problems (counted per reason in ``.report``) instead of raising.
+        check_images: decode every image now (catches corrupt, truncated and oversized
+            files at load time); with False only the files' existence is checked.
+        wrong_answer_p, seed, epoch: random-wrong-answer augmentation drawn for this epoch
+            (use :class:`pill.data.collate.PillDataset` to re-draw it every epoch).
+        limit: keep only the first ``limit`` problems of the split (debugging).
+    Returns a :class:`SampleList`; ``meta`` holds qid, answer, target_answer, choices,
+    has_image, subject, grade, topic, category, format and the raw problem.
+    Raises DataError naming the file and problem id (unless ``skip_bad``).
+    """
+    if prompt_format is not None:
+        input_format, output_format = parse_format(prompt_format)
+    fmt = f"{input_format}-{output_format}"
+    parse_format(fmt)
+    root = Path(root)
+    _check_root(root)
+    official = _is_official(root)
+    source = str(root / "problems.json") if official else str(root)
+
+    image_bytes: dict[str, Optional[bytes]] = {}
+    if official:
+        problems = load_problems(root)
+    else:
+        problems, image_bytes = _read_parquet(_parquet_files(root))
+    qids = load_split(root, split, problems=problems)
+    if limit is not None:
+        qids = qids[:limit]
+
+    caption_map: dict[str, str] = {}
+    if use_caption:
+        cap_path = Path(captions) if captions is not None else root / "captions.json"
+        if not cap_path.is_file():
+            raise DataError(f"{cap_path}: captions file not found (use_caption=True needs it)")
+        caption_map = load_captions(cap_path)
+
+    text_options = {"escape_newlines": escape_newlines, "reference_al_ae_swap": reference_al_ae_swap}
+    need = input_format[2:] + output_format
+    report = LoadReport(source=f"{source} [{split}]")
+    counts = {"with_image": 0, "with_hint": 0, "with_caption": 0, "wrong_answer": 0}
+    samples = SampleList(report=report)
+
+    from tqdm.auto import tqdm
+
+    for qid in tqdm(qids, desc=f"ScienceQA {split}", disable=None if progress else True, leave=False):
+        qid = str(qid)
+        report.total += 1
+        try:
+            if qid not in problems:
+                raise BadSample(f"{root / 'pid_splits.json'}: problem {qid} of split {split!r} "
+                                f"is not in problems.json", "unknown_qid")
+            problem = problems[qid]
+            validate_problem(problem, qid, source, need)
+            images: list = []
+            if problem.get("image"):
+                if official:
+                    path, tried = image_path(root, qid, problem, split)
+                    if not os.path.exists(path):
+                        raise BadSample(f"{source}: problem {qid}: image file not found (tried {', '.join(tried)})",
+                                        "missing_image")
+                    images = [path]
+                else:
+                    images = [image_bytes[qid]]
+                check_image(images[0], qid, source, decode=check_images, max_pixels=max_pixels, kind="problem")
+            caption = caption_map.get(qid, "") if use_caption else None
+            answer = draw_answer(seed, epoch, qid, problem["answer"], len(problem["choices"]), wrong_answer_p)
+            messages = scienceqa_messages(problem, input_format, output_format, has_image=bool(images),
+                                          caption=caption, answer=answer, system_prompt=system_prompt,
+                                          **text_options)
+            sample = Sample(id=qid, messages=messages, images=images, meta={
+                "source": "scienceqa",
+                "qid": qid,
+                "split": problem.get("split", split),
+                "answer": problem["answer"],
+                "target_answer": answer,
+                "choices": list(problem["choices"]),
+                "has_image": bool(images),
+                "has_hint": bool(problem.get("hint")),
+                "subject": problem.get("subject"),
+                "grade": problem.get("grade"),
+                "topic": problem.get("topic"),
+                "category": problem.get("category"),
+                "format": fmt,
+                "text_options": text_options,
+                "problem": problem,
+            })
+            check_placeholders(sample, source, kind="problem")
+        except BadSample as e:
+            if not skip_bad:
+                raise
+            report.skip(e.reason, str(e))
+            continue
+        counts["with_image"] += bool(images)
+        counts["with_hint"] += bool(problem.get("hint"))
+        counts["with_caption"] += bool(caption)
+        counts["wrong_answer"] += answer != problem["answer"]
+        samples.append(sample)
+    report.kept = len(samples)
+    report.counts = counts
+    report.print_if_skipped()
+    return samples
+
+
+def scienceqa_stats(root: PathLike, split: str) -> dict[str, int]:
+    """Counts over one split without loading images: problems, with_image, with_hint,
+    no_context (neither), missing_image_files, unknown_qids, invalid (malformed problems)."""
+    root = Path(root)
+    problems = load_problems(root)
+    qids = load_split(root, split, problems=problems)
+    official = _is_official(root)
+    stats = {"problems": len(qids), "with_image": 0, "with_hint": 0, "no_context": 0,
+             "missing_image_files": 0, "unknown_qids": 0, "invalid": 0}
+    for qid in qids:
+        problem = problems.get(str(qid))
+        if problem is None:
+            stats["unknown_qids"] += 1
+            continue
+        try:
+            validate_problem(problem, str(qid), str(root))
+        except BadSample:
+            stats["invalid"] += 1
+            continue
+        has_image, has_hint = bool(problem.get("image")), bool(problem.get("hint"))
+        stats["with_image"] += has_image
+        stats["with_hint"] += has_hint
+        stats["no_context"] += not (has_image or has_hint)
+        if has_image and official and not os.path.exists(image_path(root, str(qid), problem, split)[0]):
+            stats["missing_image_files"] += 1
+    return stats
