@@ -9,7 +9,8 @@ import sys
 from .errors import PillError
 
 # Modules that add sub-commands through ``register(subparsers)``.
-_COMMAND_MODULES = ["pill.commands", "pill.data.commands", "pill.eval.commands", "pill.train.commands"]
+_COMMAND_MODULES = ["pill.commands", "pill.data.commands", "pill.eval.commands", "pill.train.commands",
+                    "pill.eval.run_commands", "pill.web.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,7 +78,32 @@ def _load_yaml(path: str) -> dict:
         return yaml.safe_load(f) or {}
 
 
+def _demo(args) -> int:
+    from .demo import DemoSettings, run_demo
+
+    st = DemoSettings(out=args.out, seed=args.seed)
+    if args.quick:  # a shortened run that checks every step of the pipeline in about a minute
+        st.n_train, st.n_test, st.align_steps, st.finetune_steps, st.quick = 48, 16, 2, 3, True
+    for name in ("n_train", "n_test", "align_steps", "finetune_steps", "batch_size", "eval_mode"):
+        if getattr(args, name) is not None:
+            setattr(st, name, getattr(args, name))
+    run_demo(st)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole method on CPU: benchmark, before/after, two training stages")
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a few steps on a tiny benchmark (checks the pipeline)")
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-test", type=int)
+    p.add_argument("--align-steps", type=int)
+    p.add_argument("--finetune-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-mode", choices=["likelihood", "generate"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
     p = sub.add_parser("params", help="trainable-parameter table (built on the meta device, no download)")
     p.add_argument("--llm", default="llama2-7b", help="preset (llama2-7b, smollm2-135m), HF folder or hub id")
     p.add_argument("--vpg", default="blip2-qformer", choices=["blip2-qformer", "efficientnet-lite0"])

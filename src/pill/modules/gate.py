@@ -31,23 +31,19 @@ class ModalityAttentionGate(nn.Module):
         self.last_abs_gate: Optional[torch.Tensor] = None
 
     def gates(self, a: torch.Tensor) -> torch.Tensor:
-        """a: (N, d) attention inputs of visual tokens -> tanh gates (N, n_kv)."""
+        """a: (..., d) attention inputs -> tanh gates (..., n_kv)."""
         if self.variant == "token":
-            return torch.tanh(self.w_gate(a))
-        return torch.tanh(self.gate).expand(a.shape[0], -1)
+            w = self.w_gate.weight
+            return torch.tanh(self.w_gate(a if torch.is_autocast_enabled() else a.to(w.dtype)))
+        return torch.tanh(self.gate).expand(*a.shape[:-1], -1)
 
     def forward(self, a: torch.Tensor, v: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """a: (B, T, d) attention input; v: (B, T, n_kv * head_dim) values; visual: (B, T) bool -> gated v."""
         B, T, _ = v.shape
-        idx = visual.reshape(-1).nonzero().squeeze(1)  # (N_vis,)
-        if idx.numel() == 0:
-            return v
-        v_flat = v.reshape(B * T, self.num_kv_heads, -1)  # (B*T, n_kv, hd)
-        a_vis = a.reshape(B * T, -1).index_select(0, idx)
-        if self.variant == "token" and not torch.is_autocast_enabled():
-            a_vis = a_vis.to(self.w_gate.weight.dtype)
-        g = self.gates(a_vis).to(v.dtype)  # (N_vis, n_kv)
+        # The gate map is d -> n_kv (tiny), so it runs densely on every token and the text tokens
+        # are masked to 1: no gather/scatter of the large value tensor, forward or backward.
+        g = self.gates(a).to(v.dtype)  # (B, T, n_kv)
         if self.record:
-            self.last_abs_gate = g.detach().abs().mean(0)  # (n_kv,)
-        gated = v_flat.index_select(0, idx) * g.unsqueeze(-1)  # (N_vis, n_kv, hd)
-        return v_flat.index_copy_(0, idx, gated).view(B, T, -1)  # v is a fresh projection output: safe in place
+            self.last_abs_gate = g.detach()[visual].abs().float().mean(0) if visual.any() else None  # (n_kv,)
+        scale = torch.where(visual.unsqueeze(-1), g, torch.ones_like(g))  # (B, T, n_kv)
+        return (v.view(B, T, self.num_kv_heads, -1) * scale.unsqueeze(-1)).view(B, T, -1)

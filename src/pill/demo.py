@@ -1,0 +1,171 @@
+"""``pill demo``: the whole method on this machine, end to end, on the embedded default models.
+
+1. write the built-in image-grounded benchmark (cached after the first run);
+2. score the untrained plugged model on its test split (its image pathway has learned nothing);
+3. stage 1 (align on captions), then stage 2 (fine-tune on the questions);
+4. score the trained model on the same test split;
+5. print a before/after table per question type and write ``report.json``, ``gates.png`` and
+   ``loss.png`` into the run directory.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"
+
+
+@dataclass
+class DemoSettings:
+    out: str = "runs/demo"
+    n_train: int = 1200
+    n_test: int = 200
+    seed: int = 0
+    align_steps: int = 60
+    finetune_steps: int = 150
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    eval_mode: str = "likelihood"
+    pool: Optional[int] = 4
+    quick: bool = False
+
+
+def _demo_config(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def _synth(root: Path, st: DemoSettings) -> Path:
+    from .data.synth import make_synth
+
+    info = root / "synth_info.json"
+    if info.is_file():
+        old = json.loads(info.read_text())
+        if old.get("seed") == st.seed and old.get("splits", {}).get("train") == st.n_train \
+                and old.get("splits", {}).get("test") == st.n_test:
+            print(f"benchmark: reusing {root}")
+            return root
+    print(f"benchmark: writing {st.n_train} training and {st.n_test} test problems to {root}")
+    make_synth(root, n_train=st.n_train, n_test=st.n_test, seed=st.seed)
+    return root
+
+
+def _per_category(result: dict, problems: dict) -> dict[str, float]:
+    right: dict[str, list[int]] = {}
+    for qid, pred in result["predictions"].items():
+        cat = problems[qid].get("category", "all")
+        right.setdefault(cat, []).append(int(pred == problems[qid]["answer"]))
+    return {c: sum(v) / len(v) for c, v in sorted(right.items())}
+
+
+def run_demo(st: DemoSettings) -> dict:
+    """Run the demo; returns the report written to ``<out>/report.json``."""
+    import torch
+
+    from .data.scienceqa import load_problems
+    from .eval.evaluate import evaluate_scienceqa
+    from .eval.plots import plot_gates, plot_training, read_metrics
+    from .train.config import TrainConfig, apply_overrides
+    from .train.loop import train
+    from .vlm import PillVLM
+
+    t0 = time.time()
+    out = Path(st.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = _synth(out / "data", st)
+    problems = load_problems(data)
+    timings: dict[str, float] = {}
+
+    torch.manual_seed(st.seed)
+    t = time.time()
+    cfg2 = _demo_config("stage2_synth.yaml")
+    vlm = PillVLM.from_pretrained(cfg2["model"]["llm"], cfg2["model"]["vpg"], pool=st.pool)
+    timings["load_models"] = time.time() - t
+    fmt = cfg2["data"]["prompt_format"]
+
+    def evaluate(tag: str) -> dict:
+        t = time.time()
+        res = evaluate_scienceqa(vlm, data, "test", prompt_format=fmt, batch_size=st.eval_batch_size,
+                                 mode=st.eval_mode, out_dir=out / f"eval-{tag}")
+        timings[f"eval_{tag}"] = time.time() - t
+        return res
+
+    print("\n== 1/4 the untrained plugged model on the test split (its image pathway has learned nothing yet)")
+    before = evaluate("before")
+
+    runs = {}
+    for stage, name, steps in (("align", "stage1_synth.yaml", st.align_steps),
+                               ("finetune", "stage2_synth.yaml", st.finetune_steps)):
+        print(f"\n== {2 if stage == 'align' else 3}/4 stage {stage}: {steps} steps")
+        raw = _demo_config(name)
+        raw["model"]["pool"] = st.pool
+        apply_overrides(raw, [f"train.seed={st.seed}", f"optim.max_steps={steps}",
+                              f"optim.batch_size={st.batch_size}"])
+        if stage == "align":
+            raw["data"]["json"] = str(data / "captions_llava.json")
+            raw["data"]["image_folder"] = str(data / "images")
+        else:
+            raw["data"]["root"] = str(data)
+            raw["init_from"] = str(runs["align"])
+        run_dir = out / stage
+        if (run_dir / "pill.safetensors").exists() or (run_dir / "checkpoints").exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        t = time.time()
+        train(TrainConfig.from_dict(raw, where=name), run_dir, vlm=vlm)
+        timings[f"train_{stage}"] = time.time() - t
+        runs[stage] = run_dir
+
+    print("\n== 4/4 the trained model on the same test split")
+    after = evaluate("after")
+
+    # gates (the paper's Figure 4) on a sample batch of test images; loss curves of both stages
+    from .data.collate import Collator, prompt_items
+    from .data.scienceqa import load_scienceqa
+
+    sample = load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False)
+    batch = Collator(vlm.processor, padding_side="left")(prompt_items(sample, vlm.processor))
+    gates = vlm.measure_gates(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                          "modality_ids", "pixel_values")})
+    (runs["finetune"] / "gates.json").write_text(json.dumps(gates))
+    plot_gates(gates["mean_abs_gate"], out / "gates.png", layers=gates["layers"],
+               title="mean |tanh(gate)| of image tokens per layer (stage 2)")
+    records = read_metrics(runs["align"] / "metrics.jsonl") + [
+        {**r, "step": r["step"] + st.align_steps} for r in read_metrics(runs["finetune"] / "metrics.jsonl")]
+    plot_training(records, out / "loss.png", title="pill demo: stage 1 (align) then stage 2 (fine-tune)")
+
+    cats_before, cats_after = _per_category(before, problems), _per_category(after, problems)
+    report = {
+        "accuracy_before": before["Avg"] / 100, "accuracy_after": after["Avg"] / 100,
+        "per_type_before": cats_before, "per_type_after": cats_after,
+        "chance": _chance(problems, before["predictions"]),
+        "test_problems": after["count"], "eval_mode": st.eval_mode,
+        "wall_seconds": time.time() - t0, "timings_seconds": timings,
+        "settings": st.__dict__, "trainable_parameters": vlm.num_trainable(),
+        "runs": {k: str(v) for k, v in runs.items()},
+        "files": {"gates_plot": str(out / "gates.png"), "loss_plot": str(out / "loss.png"),
+                  "eval_before": str(out / "eval-before"), "eval_after": str(out / "eval-after")},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    return report
+
+
+def _chance(problems: dict, predictions: dict) -> float:
+    return sum(1 / len(problems[q]["choices"]) for q in predictions) / max(1, len(predictions))
+
+
+def format_report(r: dict) -> str:
+    lines = ["", f"| question type | before | after |", "|---|---:|---:|"]
+    for cat in r["per_type_after"]:
+        lines.append(f"| {cat} | {100 * r['per_type_before'].get(cat, 0):.1f}% | {100 * r['per_type_after'][cat]:.1f}% |")
+    lines.append(f"| **all ({r['test_problems']} problems; chance {100 * r['chance']:.1f}%)** | "
+                 f"**{100 * r['accuracy_before']:.1f}%** | **{100 * r['accuracy_after']:.1f}%** |")
+    lines += ["", f"wall time {r['wall_seconds'] / 60:.1f} min; report: {Path(r['files']['gates_plot']).parent / 'report.json'}",
+              f"gate plot: {r['files']['gates_plot']}", f"loss plot: {r['files']['loss_plot']}"]
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Sub-command ``pill serve``: the web demo (see :mod:`pill.web`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..errors import PillError
+
+UNTRAINED_NOTE = "embedded default, untrained plug-ins"
+
+
+def load_demo_model(run: Optional[str] = None, device: str = "cpu"):
+    """The model the demo serves and its side-panel info: a trained run, or the embedded default.
+
+    ``run``: a run directory (``config.yaml``, ``pill.safetensors``, ...) loaded with
+    ``pill.inference.load_run``; None loads SmolLM2-135M-Instruct + EfficientNet-Lite0 with
+    freshly initialised (untrained) plug-ins. Returns ``(vlm, info)``.
+    """
+    from .app import model_info
+
+    if run is None:
+        from ..vlm import PillVLM
+
+        vlm = PillVLM.from_pretrained(device=device).eval()
+        return vlm, model_info(vlm, llm=f"SmolLM2-135M-Instruct ({UNTRAINED_NOTE})",
+                               vpg="EfficientNet-Lite0 (ImageNet weights)")
+    if not Path(run).is_dir():
+        raise PillError(f"--run {run}: no such run directory")
+    try:
+        from ..inference import load_run
+    except ImportError as e:
+        raise PillError(f"--run needs pill.inference.load_run, which this install lacks ({e})") from None
+    vlm = load_run(run, device=device).eval()
+    return vlm, model_info(vlm, run_dir=run)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import Limits
+    from .server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+    print(f"loading {'run ' + args.run if args.run else 'the embedded default model (untrained plug-ins)'} ...",
+          file=sys.stderr)
+    vlm, info = load_demo_model(args.run, args.device)
+
+    def ready(server) -> None:
+        print(f"pill demo: open {server.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+    try:
+        serve(vlm, args.host, args.port, info=info, limits=limits, ready=ready)
+    except OSError as e:
+        raise PillError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    return 0
+
+
+def _positive_mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1024] MB, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
+    return int(text)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``pill serve`` to the ``pill`` parser."""
+    p = sub.add_parser("serve", help="web demo: ask the model about an image in the browser",
+                       description="Start a local web page to ask a PILL model about an image. Without "
+                                   "--run it serves the embedded default model with untrained plug-ins.")
+    p.add_argument("--run", metavar="DIR", help="trained run directory (default: embedded model, untrained plug-ins)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--max-upload-mb", type=_positive_mb, default=10.0, metavar="N",
+                   help="largest image upload in MB (default 10)")
+    p.add_argument("--max-pixels", type=_positive_int, default=4096 * 4096, metavar="N",
+                   help="largest image in pixels, width x height (default 16777216 = 4096 x 4096)")
+    p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.set_defaults(func=_serve)

@@ -1,0 +1,269 @@
+"""The demo's HTTP server: the standard library's ThreadingHTTPServer, one page, a small JSON API.
+
+Routes:
+    GET  /                      the page (static/index.html)
+    GET  /static/NAME           its script and style sheet
+    GET  /examples/NAME         bundled example images; /examples/examples.json lists them
+    GET  /api/info              model, limits, settings ranges (JSON)
+    GET  /api/gates.png         the run's gate plot (404 without one)
+    POST /api/image             body: the image file's bytes -> {image_id, width, height}
+    POST /api/chat              JSON {question, image_id?, history?, settings?} -> text/event-stream
+                                of ``queued``, ``start``, ``token``, then ``done`` or ``error``
+
+Errors before an answer starts are JSON ``{"error": message}`` with a 4xx/5xx status; errors
+while answering arrive as an ``error`` event. Either way the server keeps serving.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+from urllib.parse import unquote, urlsplit
+
+from .app import ClientGone, DemoApp, Limits, RequestError, too_large_message
+
+log = logging.getLogger("pill.web")
+
+HERE = Path(__file__).parent
+STATIC_DIR = HERE / "static"
+EXAMPLES_DIR = HERE / "examples"
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8", ".png": "image/png", ".json": "application/json",
+                 ".svg": "image/svg+xml"}
+MAX_JSON_BYTES = 1 << 20
+DRAIN_LIMIT = 64 << 20  # read and drop at most this much of a refused upload, so the browser sees the reply
+# No inline script or style, no outside hosts: the page works offline and injected markup cannot run.
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                    "Referrer-Policy": "no-referrer",
+                    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"}
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    """Servable files by name; requests can name nothing else (no path traversal)."""
+    return {p.name: p for p in folder.iterdir() if p.is_file() and p.suffix in CONTENT_TYPES} if folder.is_dir() else {}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class DemoServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that carries the :class:`DemoApp` its handlers use."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, app: DemoApp, host: str = "127.0.0.1", port: int = 7860):
+        self.app = app
+        self.static = _files(STATIC_DIR)
+        self.examples = _files(EXAMPLES_DIR)
+        # Bound to loopback, only loopback names are accepted in the Host header: a web page
+        # elsewhere cannot reach the model by pointing its own host name at 127.0.0.1.
+        self.loopback_only = is_loopback(host)
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), DemoHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+
+class DemoHandler(BaseHTTPRequestHandler):
+    server: DemoServer
+    server_version = "pill-demo"
+    timeout = 60  # seconds a socket may stall in a read or write (slow or vanished clients)
+    sys_version = ""
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def log_message(self, fmt, *args):  # quiet unless pill.web logs at DEBUG
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def _send(self, status: int, body: bytes, content_type: str, extra: Optional[dict] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in {**SECURITY_HEADERS, **(extra or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _host_ok(self) -> bool:
+        if not self.server.loopback_only:
+            return True
+        host = self.headers.get("Host", "")
+        name = urlsplit(f"//{host}").hostname or ""
+        return is_loopback(name)
+
+    def _body(self, limit: int, what: str) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise RequestError(411, "the request has no Content-Length")
+        n = int(length)
+        if n > limit:
+            self._drain(n)
+            raise RequestError(413, too_large_message(n, limit, what))
+        return self.rfile.read(n)
+
+    def _drain(self, n: int) -> None:
+        """Read a refused body away (up to DRAIN_LIMIT) so that the browser reads the 413, not a reset."""
+        left = min(n, DRAIN_LIMIT)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
+        if n > DRAIN_LIMIT:
+            self.close_connection = True
+
+    def _dispatch(self, routes: dict) -> None:
+        path = urlsplit(self.path).path
+        try:
+            if not self._host_ok():
+                raise RequestError(403, "unexpected Host header; open the demo at http://127.0.0.1:PORT/")
+            for route, handler in routes.items():  # "/x/" matches its whole folder, other routes one path
+                if path == route or (len(route) > 1 and route.endswith("/") and path.startswith(route)):
+                    return handler(path[len(route):] if route.endswith("/") else path)
+            raise RequestError(404, f"no such page: {path}")
+        except RequestError as e:
+            self._error(e.status, str(e))
+        except (BrokenPipeError, ConnectionResetError, ClientGone):
+            log.info("client went away during %s %s", self.command, path)
+        except Exception as e:  # one broken request must never stop the server
+            log.exception("error in %s %s", self.command, path)
+            try:
+                self._error(500, f"internal error: {type(e).__name__}: {e}")
+            except OSError:
+                pass
+
+    # -- routes -----------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._dispatch({"/": lambda _: self._file(self.server.static, "index.html"),
+                        "/static/": lambda name: self._file(self.server.static, name),
+                        "/examples/": lambda name: self._file(self.server.examples, name),
+                        "/api/info": lambda _: self._json(200, self.server.app.public_info()),
+                        "/api/gates.png": self._gates})
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_POST(self) -> None:
+        self._dispatch({"/api/image": self._upload, "/api/chat": self._chat})
+
+    def _file(self, files: dict[str, Path], name: str) -> None:
+        path = files.get(name)
+        if path is None:
+            raise RequestError(404, f"no such file: {name}")
+        self._send(200, path.read_bytes(), CONTENT_TYPES[path.suffix])
+
+    def _gates(self, _path) -> None:
+        if self.server.app.gate_png is None:
+            raise RequestError(404, "this model has no gate plot")
+        self._send(200, self.server.app.gate_png, "image/png")
+
+    def _upload(self, _path) -> None:
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        # image/* or octet-stream only: both need a CORS preflight, so other sites cannot post here.
+        if not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+            length = self.headers.get("Content-Length", "")
+            self._drain(int(length) if length.isdigit() else 0)
+            raise RequestError(415, "send the image file itself (Content-Type image/*)")
+        data = self._body(self.server.app.limits.max_upload_bytes, "file")
+        name = unquote(self.headers.get("X-File-Name", ""))[:200] or "upload"
+        self._json(200, self.server.app.add_image(data, name=name))
+
+    def _chat(self, _path) -> None:
+        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+            raise RequestError(415, "send the question as JSON (Content-Type application/json)")
+        app = self.server.app
+        request = app.parse_question(self._body(MAX_JSON_BYTES, "request"))
+        started = False
+
+        def emit(event: str, data) -> None:
+            nonlocal started
+            if not started:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("X-Accel-Buffering", "no")
+                for k, v in SECURITY_HEADERS.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                started = True
+            try:
+                self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+                self.wfile.flush()
+            except OSError as e:
+                raise ClientGone() from e
+
+        try:
+            answer = app.answer(request, emit)
+        except ClientGone:
+            log.info("client went away; answer abandoned")
+            return
+        except RequestError as e:
+            if not started:
+                raise
+            emit("error", {"message": str(e)})
+            return
+        except Exception as e:
+            log.exception("generation failed")
+            message = f"the model failed on this question: {type(e).__name__}: {e}"
+            if not started:
+                raise RequestError(500, message) from e
+            emit("error", {"message": message})
+            return
+        emit("done", {"answer": answer})
+        self.close_connection = True
+
+
+def make_server(vlm_or_app, host: str = "127.0.0.1", port: int = 7860, info: Optional[dict] = None,
+                limits: Optional[Limits] = None) -> DemoServer:
+    """A bound, not yet serving, demo server; ``port=0`` picks a free port (see ``.url``).
+
+    ``vlm_or_app``: a :class:`~pill.vlm.PillVLM` (wrapped in a :class:`DemoApp` with ``info`` and
+    ``limits``) or a ready :class:`DemoApp`.
+    """
+    app = vlm_or_app if isinstance(vlm_or_app, DemoApp) else DemoApp(vlm_or_app, info, limits)
+    return DemoServer(app, host, port)
+
+
+def serve(vlm, host: str = "127.0.0.1", port: int = 7860, info: Optional[dict] = None,
+          limits: Optional[Limits] = None, ready=None) -> None:
+    """Serve the demo until interrupted. ``ready(server)`` is called once it listens."""
+    server = make_server(vlm, host, port, info, limits)
+    if not server.loopback_only:
+        log.warning("serving on %s: anyone who can reach this address can use the model", host)
+    if ready is not None:
+        ready(server)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def serve_in_thread(server: DemoServer) -> threading.Thread:
+    """Start ``server.serve_forever`` in a daemon thread (tests); stop with ``server.shutdown()``."""
+    t = threading.Thread(target=server.serve_forever, name="pill-web", daemon=True)
+    t.start()
+    return t

@@ -1,0 +1,306 @@
+// The PILL demo page: upload an image, ask questions, read the answer as it streams in.
+// The server checks everything again; the checks here only save a round trip.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { info: null, imageId: null, history: [], busy: false, abort: null };
+
+// ---- messages ---------------------------------------------------------------------------
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+function setStatus(message) { $("status").textContent = message || ""; }
+function formatCount(n) { return n.toLocaleString("en-US"); }
+function formatMB(bytes) { return (bytes / 1048576).toFixed(1) + " MB"; }
+
+// ---- model info and settings ------------------------------------------------------------
+async function loadInfo() {
+  const resp = await fetch("/api/info");
+  const info = await resp.json();
+  state.info = info;
+  $("info-llm").textContent = info.llm;
+  $("info-vpg").textContent = info.vpg;
+  $("info-run").textContent = info.run_dir || "none (embedded default)";
+  $("info-stages").textContent = info.stages.length ? info.stages.join(", ") : "none (untrained plug-ins)";
+  const badge = $("model-badge");
+  badge.textContent = info.trained ? `run ${info.run_dir}` : "untrained plug-ins";
+  badge.classList.toggle("untrained", !info.trained);
+  $("untrained-banner").hidden = info.trained;
+
+  const body = document.querySelector("#param-table tbody");
+  body.replaceChildren();
+  for (const row of info.parameters) {
+    const tr = document.createElement("tr");
+    if (row.part === "total") tr.className = "total";
+    for (const v of [row.part, formatCount(row.parameters), formatCount(row.trainable)]) {
+      const td = document.createElement("td");
+      td.textContent = v;
+      tr.append(td);
+    }
+    body.append(tr);
+  }
+  if (info.gate_plot) {
+    $("gate-plot").src = "/api/gates.png";
+    $("gates").hidden = false;
+  }
+
+  const s = info.settings;
+  for (const [id, name] of [["max-new-tokens", "max_new_tokens"], ["temperature", "temperature"], ["top-p", "top_p"]]) {
+    const input = $(id);
+    input.min = s[name].min;
+    input.max = s[name].max;
+    input.value = s[name].default;
+  }
+  $("greedy").checked = s.greedy.default;
+  syncSampling();
+  $("question").maxLength = info.limits.max_question_chars;
+  $("limits-note").textContent =
+    `Up to ${formatMB(info.limits.max_upload_bytes)} and ${formatCount(info.limits.max_pixels)} pixels.`;
+}
+
+function syncSampling() {
+  const greedy = $("greedy").checked;
+  $("temperature").disabled = greedy;
+  $("top-p").disabled = greedy;
+}
+
+function readSettings() {
+  const s = state.info.settings;
+  const out = { greedy: $("greedy").checked };
+  for (const [id, name, label, whole] of [["max-new-tokens", "max_new_tokens", "Max new tokens", true],
+                                          ["temperature", "temperature", "Temperature", false],
+                                          ["top-p", "top_p", "Top-p", false]]) {
+    const value = Number($(id).value);
+    if ($(id).value === "" || !Number.isFinite(value) || (whole && !Number.isInteger(value))
+        || value < s[name].min || value > s[name].max) {
+      throw new Error(`${label} must be ${whole ? "a whole number " : ""}between ${s[name].min} and ${s[name].max}.`);
+    }
+    out[name] = value;
+  }
+  return out;
+}
+
+// ---- images -----------------------------------------------------------------------------
+async function useFile(file, suggestedQuestion) {
+  showError("");
+  const limit = state.info.limits.max_upload_bytes;
+  if (file.size > limit) {
+    showError(`${file.name}: the file is ${formatMB(file.size)}; the limit is ${formatMB(limit)}.`);
+    return;
+  }
+  setStatus(`Uploading ${file.name}…`);
+  let reply;
+  try {
+    const resp = await fetch("/api/image", {
+      method: "POST", body: file,
+      headers: { "Content-Type": file.type && file.type.startsWith("image/") ? file.type : "application/octet-stream",
+                 "X-File-Name": encodeURIComponent(file.name).slice(0, 200) },
+    });
+    reply = await resp.json().catch(() => ({ error: `the server answered ${resp.status}` }));
+    if (!resp.ok) throw new Error(reply.error || `the server answered ${resp.status}`);
+  } catch (err) {
+    setStatus("");
+    const message = err.message.startsWith(file.name) ? err.message : `${file.name}: ${err.message}`;
+    showError(message + (state.imageId ? ". The previous image is still in use." : ""));
+    return;  // the previous image, if any, stays in place
+  }
+  stopAnswer();
+  state.imageId = reply.image_id;
+  const preview = $("preview");
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  preview.dataset.imageId = reply.image_id;
+  $("image-caption").textContent = `${file.name} · ${reply.width} × ${reply.height}`;
+  clearConversation();
+  setStatus(`Image: ${file.name} (${reply.width} × ${reply.height}). Ask a question about it.`);
+  if (suggestedQuestion) $("question").value = suggestedQuestion;
+  $("question").focus();
+}
+
+async function loadExamples() {
+  const resp = await fetch("/examples/examples.json");
+  if (!resp.ok) return;
+  for (const ex of await resp.json()) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "example";
+    button.title = ex.question;
+    button.dataset.file = ex.file;
+    const img = document.createElement("img");
+    img.src = "/examples/" + ex.file;
+    img.alt = ex.file.replace(".png", "").replace("-", " ");
+    button.append(img);
+    button.addEventListener("click", async () => {
+      const blob = await (await fetch("/examples/" + ex.file)).blob();
+      await useFile(new File([blob], ex.file, { type: "image/png" }), ex.question);
+    });
+    $("examples").append(button);
+  }
+}
+
+function setupDrop() {
+  const zone = $("drop-zone");
+  $("file-input").addEventListener("change", (e) => {
+    if (e.target.files.length) useFile(e.target.files[0]);
+    e.target.value = "";  // choosing the same file again fires change again
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("dragover"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    zone.addEventListener(type, () => zone.classList.remove("dragover"));
+  }
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    if (e.dataTransfer.files.length) useFile(e.dataTransfer.files[0]);
+  });
+  document.addEventListener("paste", (e) => {
+    const file = [...(e.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
+    if (file) useFile(file);
+  });
+}
+
+// ---- conversation -----------------------------------------------------------------------
+function addTurn(role, text) {
+  const li = document.createElement("li");
+  li.className = `turn ${role}`;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : "PILL";
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  li.append(who, body);
+  $("conversation").append(li);
+  li.scrollIntoView({ block: "nearest" });
+  return li;
+}
+
+function clearConversation() {
+  state.history = [];
+  $("conversation").replaceChildren();
+}
+
+function stopAnswer() {
+  if (state.abort) state.abort.abort();
+}
+
+function setBusy(busy) {
+  state.busy = busy;
+  $("ask").disabled = busy;
+}
+
+// Server-sent events over a POST: parse "event: X\ndata: JSON\n\n" blocks as they arrive.
+async function* readEvents(resp) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      yield { event, data: data ? JSON.parse(data) : null };
+    }
+  }
+}
+
+async function ask(e) {
+  e.preventDefault();
+  if (state.busy) return;
+  showError("");
+  const question = $("question").value.trim();
+  if (!question) { showError("Type a question first."); return; }
+  let settings;
+  try { settings = readSettings(); } catch (err) { showError(err.message); return; }
+
+  setBusy(true);
+  addTurn("user", question);
+  const turn = addTurn("assistant", "");
+  const text = turn.querySelector(".text");
+  turn.dataset.state = "streaming";
+  $("question").value = "";
+  const controller = new AbortController();
+  state.abort = controller;
+  let answer = null, failure = null;
+  setStatus("Thinking…");
+  try {
+    const resp = await fetch("/api/chat", {
+      method: "POST", signal: controller.signal, headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ question, image_id: state.imageId, history: state.history, settings }),
+    });
+    if (!resp.ok) {
+      const reply = await resp.json().catch(() => ({}));
+      throw new Error(reply.error || `the server answered ${resp.status}`);
+    }
+    for await (const { event, data } of readEvents(resp)) {
+      if (event === "queued") setStatus(`Waiting: the model is answering another question (${data.ahead} ahead)…`);
+      else if (event === "start") setStatus("Answering…");
+      else if (event === "token") text.textContent += text.textContent ? data : data.trimStart();
+      else if (event === "done") answer = data.answer;
+      else if (event === "error") throw new Error(data.message);
+    }
+    if (answer === null) throw new Error("the connection closed before the answer was complete");
+  } catch (err) {
+    failure = err.name === "AbortError" ? "stopped" : err.message;
+  } finally {
+    state.abort = null;
+    setBusy(false);
+  }
+  if (failure === null) {
+    if (!text.textContent.trim()) text.textContent = answer || "(empty answer)";
+    turn.dataset.state = "done";
+    state.history.push({ role: "user", content: question }, { role: "assistant", content: answer });
+    setStatus("");
+  } else {
+    turn.dataset.state = "error";
+    text.textContent += (text.textContent ? "\n" : "") + `[${failure}]`;
+    if (failure !== "stopped") showError(`No answer: ${failure}`);
+    setStatus("");
+  }
+}
+
+function clearAll() {
+  stopAnswer();
+  clearConversation();
+  state.imageId = null;
+  const preview = $("preview");
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+  preview.removeAttribute("src");
+  preview.hidden = true;
+  delete preview.dataset.imageId;
+  $("image-caption").textContent = "";
+  $("question").value = "";
+  showError("");
+  setStatus("Cleared. Upload or pick an image to start again.");
+}
+
+// ---- start ------------------------------------------------------------------------------
+async function main() {
+  $("ask-form").addEventListener("submit", ask);
+  $("question").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("ask-form").requestSubmit(); }
+  });
+  $("clear").addEventListener("click", clearAll);
+  $("greedy").addEventListener("change", syncSampling);
+  setupDrop();
+  try {
+    await loadInfo();
+    await loadExamples();
+    document.body.dataset.ready = "true";
+  } catch (err) {
+    showError(`Could not reach the demo server: ${err.message}`);
+  }
+}
+main();
