@@ -178,8 +178,9 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
         template: chat template name or string (default: the tokenizer's own, as in training).
 
     Returns the scores (``NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg`` percentages, ``topics``,
-    ``count``, ``unparsed``) plus ``split``, ``prompt_format``, ``mode``, ``seconds`` and
-    ``files`` (name -> path written; empty without ``out_dir``).
+    ``count``, ``unparsed``) plus ``split``, ``prompt_format``, ``mode``, ``seconds``,
+    ``files`` (name -> path written; empty without ``out_dir``) and ``predictions``
+    (qid -> option index, ``None`` where no answer could be read).
     """
     from ..data.prompts import parse_format
     from ..data.scienceqa import load_scienceqa
@@ -254,7 +255,7 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         _write_json(files["scores"], {**scores, "eval": info})
     return {**scores, "split": split, "prompt_format": prompt_format, "mode": mode,
-            "seconds": seconds, "files": files}
+            "seconds": seconds, "files": files, "predictions": predictions}
 
 
 # -- helpers --------------------------------------------------------------------------------
