@@ -17,6 +17,8 @@ from pill.errors import CheckpointError, ConfigError
 from pill.train.config import TrainConfig, apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses run tiny models: one thread each (two spin against each other on 2 cores).
+SUB_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 def run_cli(*args, env=None, check=True):
     proc = subprocess.run([sys.executable, "-m", "pill.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=ROOT)
+                          env={**SUB_ENV, **(env or {})}, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"pill {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -121,7 +123,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, synth_root, featu
 
     victim = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "pill.cli", "train", str(path), "--output", str(victim)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=ROOT, env=SUB_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if any((victim / "checkpoints").glob("step-*/COMPLETE")):
@@ -147,7 +149,7 @@ def test_two_processes_match_one(tmp_path, synth_root, feature_dir):
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "--main_process_port", str(port), "-m", "pill.cli", "train", str(path),
                            "--output", str(tmp_path / "two")],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                          capture_output=True, text=True, cwd=ROOT, env={**SUB_ENV, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stdout + proc.stderr
     assert max_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) <= 1e-5
