@@ -239,3 +239,29 @@ def test_embedded_efficientnet_recognises_a_photo():
         logits = vpg.net.classify(vpg.preprocess([img]))
     assert int(logits.argmax()) == 652  # ImageNet "military uniform"
     assert vpg(vpg.preprocess([img])).shape == (1, 49, 1280)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_vlm):
+    _randomise(tiny_vlm)
+    batch = tiny_vlm.processor(["<image> what is it? a red box", "no image here, just text"], [[_img()], []],
+                               side="right")
+    labels = batch["input_ids"].clone()
+    labels[batch["modality_ids"].bool()] = -100
+
+    def grads():
+        tiny_vlm.zero_grad()
+        tiny_vlm.train()
+        tiny_vlm(**batch, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in tiny_vlm.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    tiny_vlm.enable_gradient_checkpointing()
+    calls = []
+    for layer in tiny_vlm.llm.model.layers:
+        inner = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _f=inner, **k: calls.append(1) or _f(*a, **k)
+    checkpointed = grads()
+    assert len(calls) == len(tiny_vlm.llm.model.layers)  # every layer ran under the checkpoint
+    assert sorted(plain) == sorted(checkpointed) and len(plain) > 5
+    for n in plain:
+        assert torch.allclose(plain[n], checkpointed[n], atol=1e-6), n

@@ -120,7 +120,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
         vlm.load_pill_state_dict(tensors)
     vlm.set_stage(cfg.stage)
     if cfg.train.gradient_checkpointing:
-        vlm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        vlm.enable_gradient_checkpointing()
 
     samples = load_dataset_samples(cfg, progress=progress and accelerator.is_main_process)
     dataset = PillDataset(samples, vlm.processor, cfg.data.max_length, on_overflow=cfg.data.too_long,
