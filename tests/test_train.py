@@ -258,3 +258,16 @@ def test_every_shipped_config_is_valid(path):
         assert (cfg.optim.lr, cfg.optim.batch_size, cfg.data.max_length) == \
             ((1e-3, 32, 128) if cfg.stage == "align" else (2e-3, 4, 512))
         assert cfg.optim.epochs == (3 if cfg.stage == "align" else 20)
+
+
+def test_mixed_llava_data_and_gate_learning_rate(tmp_path, synth_root, feature_dir):
+    from pill.train.loop import setup
+
+    plain = setup(TrainConfig.from_dict(tiny_config(synth_root, feature_dir)), tmp_path / "a", progress=False)
+    mixed_cfg = tiny_config(synth_root, feature_dir, **{"data.mix_llava_json": str(synth_root / "captions_llava.json"),
+                                                        "data.mix_image_folder": str(synth_root / "images"),
+                                                        "optim.gate_lr_scale": 10.0})
+    mixed = setup(TrainConfig.from_dict(mixed_cfg), tmp_path / "b", progress=False)
+    assert len(mixed.dataset) == len(plain.dataset) + 24  # one caption per training image
+    lrs = sorted(g["lr"] for g in mixed.optimizer.param_groups)
+    assert lrs[-1] == pytest.approx(10 * lrs[0])

@@ -84,7 +84,8 @@ def _demo(args) -> int:
     st = DemoSettings(out=args.out, seed=args.seed)
     if args.quick:  # a shortened run that checks every step of the pipeline in about a minute
         st.n_train, st.n_test, st.align_steps, st.finetune_steps, st.quick = 48, 16, 2, 3, True
-    for name in ("n_train", "n_test", "align_steps", "finetune_steps", "batch_size", "eval_mode"):
+    for name in ("n_train", "n_test", "align_steps", "finetune_steps", "batch_size", "eval_mode", "precision",
+                 "pool"):
         if getattr(args, name) is not None:
             setattr(st, name, getattr(args, name))
     run_demo(st)
@@ -101,6 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-mode", choices=["likelihood", "generate"])
+    p.add_argument("--precision", choices=["auto", "no", "bf16"], help="training precision (default auto)")
+    p.add_argument("--pool", type=int, help="pool the 7x7 EfficientNet grid to N x N visual tokens (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 

@@ -30,8 +30,10 @@ class DemoSettings:
     finetune_steps: int = 150
     batch_size: int = 8
     eval_batch_size: int = 16
-    eval_mode: str = "likelihood"
+    eval_mode: str = "generate"
+    max_new_tokens: int = 24  # "The star is red. The answer is A." is about 12 tokens
     pool: Optional[int] = 4
+    precision: str = "auto"  # auto: bf16 autocast where the CPU has native bf16 (about 1.4x faster), else float32
     quick: bool = False
 
 
@@ -52,6 +54,20 @@ def _synth(root: Path, st: DemoSettings) -> Path:
     print(f"benchmark: writing {st.n_train} training and {st.n_test} test problems to {root}")
     make_synth(root, n_train=st.n_train, n_test=st.n_test, seed=st.seed)
     return root
+
+
+def _precision(st: DemoSettings) -> str:
+    if st.precision != "auto":
+        return st.precision
+    import torch
+
+    if torch.cuda.is_available():
+        return "auto"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "no"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
 def _per_category(result: dict, problems: dict) -> dict[str, float]:
@@ -90,7 +106,8 @@ def run_demo(st: DemoSettings) -> dict:
     def evaluate(tag: str) -> dict:
         t = time.time()
         res = evaluate_scienceqa(vlm, data, "test", prompt_format=fmt, batch_size=st.eval_batch_size,
-                                 mode=st.eval_mode, out_dir=out / f"eval-{tag}")
+                                 mode=st.eval_mode, out_dir=out / f"eval-{tag}",
+                                 max_new_tokens=st.max_new_tokens if st.eval_mode == "generate" else None)
         timings[f"eval_{tag}"] = time.time() - t
         return res
 
@@ -104,7 +121,8 @@ def run_demo(st: DemoSettings) -> dict:
         raw = _demo_config(name)
         raw["model"]["pool"] = st.pool
         apply_overrides(raw, [f"train.seed={st.seed}", f"optim.max_steps={steps}",
-                              f"optim.batch_size={st.batch_size}"])
+                              f"optim.batch_size={st.batch_size}", f"optim.micro_batch_size={st.batch_size}",
+                              f"train.mixed_precision={_precision(st)}"])
         if stage == "align":
             raw["data"]["json"] = str(data / "captions_llava.json")
             raw["data"]["image_folder"] = str(data / "images")

@@ -48,6 +48,9 @@ class DataConfig:
     skip_bad: bool = False  # skip (and count) malformed samples instead of stopping
     too_long: Literal["skip", "error"] = "skip"
     limit: Optional[int] = None  # use only the first N samples
+    # Also train on this LLaVA JSON (e.g. captions mixed into instruction tuning, as LLaVA-1.5 does).
+    mix_llava_json: Optional[str] = None
+    mix_image_folder: Optional[str] = None
 
     def __post_init__(self):
         if self.format == "scienceqa" and not self.root:
@@ -81,6 +84,7 @@ class OptimConfig:
     micro_batch_size: int = 4  # per process and forward pass; gradients accumulate up to batch_size
     grad_clip: Optional[float] = 1.0
     min_lr_ratio: float = 0.0
+    gate_lr_scale: float = 1.0  # learning-rate multiplier for the attention gates (MAG)
 
     def __post_init__(self):
         if self.lr <= 0:

@@ -58,16 +58,22 @@ class Setup:
 
 def load_dataset_samples(cfg: TrainConfig, progress: bool = True):
     """The configured samples (a :class:`~pill.data.SampleList`)."""
+    from ..data.llava import load_llava
+
     d = cfg.data
     if d.format == "scienceqa":
         from ..data.scienceqa import load_scienceqa
 
-        return load_scienceqa(d.root, d.split, prompt_format=d.prompt_format, use_caption=d.use_caption,
-                              skip_bad=d.skip_bad, limit=d.limit, progress=progress)
-    from ..data.llava import load_llava
-
-    return load_llava(d.json, d.image_folder or os.path.dirname(d.json), skip_bad=d.skip_bad, limit=d.limit,
-                      progress=progress)
+        samples = load_scienceqa(d.root, d.split, prompt_format=d.prompt_format, use_caption=d.use_caption,
+                                 skip_bad=d.skip_bad, limit=d.limit, progress=progress)
+    else:
+        samples = load_llava(d.json, d.image_folder or os.path.dirname(d.json), skip_bad=d.skip_bad, limit=d.limit,
+                             progress=progress)
+    if d.mix_llava_json:
+        extra = load_llava(d.mix_llava_json, d.mix_image_folder or os.path.dirname(d.mix_llava_json),
+                           skip_bad=d.skip_bad, progress=progress)
+        samples.extend(extra)
+    return samples
 
 
 def build_vlm(cfg: TrainConfig, device: str = "cpu"):
@@ -136,12 +142,13 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
 
     steps_per_epoch = len(sampler)
     total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
-    params = [p for p in vlm.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    named = [(n, p) for n, p in vlm.named_parameters() if p.requires_grad]
+    gates = [p for n, p in named if ".pill_gate." in n]
+    decay = [p for n, p in named if p.ndim >= 2 and ".pill_gate." not in n]
+    no_decay = [p for n, p in named if p.ndim < 2 and ".pill_gate." not in n]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": gates, "weight_decay": 0.0, "lr": cfg.optim.lr * cfg.optim.gate_lr_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     scheduler = _cosine(optimizer, int(cfg.optim.warmup_ratio * total), total, cfg.optim.min_lr_ratio)
     model, optimizer = accelerator.prepare(vlm, optimizer)
     return Setup(cfg, run_dir, accelerator, vlm, model, dataset, sampler, collator, optimizer, scheduler,
