@@ -265,3 +265,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_vlm):
     assert sorted(plain) == sorted(checkpointed) and len(plain) > 5
     for n in plain:
         assert torch.allclose(plain[n], checkpointed[n], atol=1e-6), n
+
+
+def test_cpu_bf16_autocast_training_step(tiny_vlm):
+    _randomise(tiny_vlm)
+    batch = tiny_vlm.processor(["<image> what is it? a red box", "just text"], [[_img()], []], side="right")
+    labels = batch["input_ids"].clone()
+    labels[batch["modality_ids"].bool()] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_vlm(**batch, labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for n, p in tiny_vlm.named_parameters() if "pill_" in n]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)

@@ -54,7 +54,7 @@ class PillHandle:
 def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a plug-in in its own (float32) dtype on a possibly half-precision input; return x's dtype."""
     dtype = next(module.parameters()).dtype
-    return module(x.to(dtype)).to(x.dtype) if x.dtype != dtype and not torch.is_autocast_enabled() else module(x)
+    return module(x.to(dtype)).to(x.dtype) if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type) else module(x)
 
 
 def _visual(state: PillState, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -64,7 +64,7 @@ class ModalityExperts(nn.Module):
     def forward(self, x: torch.Tensor, modality_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, T, d), modality_ids: (B, T) long or None (all text) -> expert output (B, T, d)."""
         dtype = self.experts[0].w_up.weight.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled():
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             return self.forward(x.to(dtype), modality_ids).to(x.dtype)
         if self.shared or modality_ids is None:
             return self.experts[0](x)

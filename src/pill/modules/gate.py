@@ -34,7 +34,7 @@ class ModalityAttentionGate(nn.Module):
         """a: (..., d) attention inputs -> tanh gates (..., n_kv)."""
         if self.variant == "token":
             w = self.w_gate.weight
-            return torch.tanh(self.w_gate(a if torch.is_autocast_enabled() else a.to(w.dtype)))
+            return torch.tanh(self.w_gate(a if torch.is_autocast_enabled(a.device.type) else a.to(w.dtype)))
         return torch.tanh(self.gate).expand(*a.shape[:-1], -1)
 
     def forward(self, a: torch.Tensor, v: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
