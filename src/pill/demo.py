@@ -23,11 +23,11 @@ CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"
 @dataclass
 class DemoSettings:
     out: str = "runs/demo"
-    n_train: int = 1200
+    n_train: int = 2000
     n_test: int = 200
     seed: int = 0
-    align_steps: int = 60
-    finetune_steps: int = 150
+    align_steps: int = 250
+    finetune_steps: int = 300
     batch_size: int = 8
     eval_batch_size: int = 16
     eval_mode: str = "generate"
@@ -128,6 +128,8 @@ def run_demo(st: DemoSettings) -> dict:
             raw["data"]["image_folder"] = str(data / "images")
         else:
             raw["data"]["root"] = str(data)
+            raw["data"]["mix_llava_json"] = str(data / "captions_llava.json")
+            raw["data"]["mix_image_folder"] = str(data / "images")
             raw["init_from"] = str(runs["align"])
         run_dir = out / stage
         if (run_dir / "pill.safetensors").exists() or (run_dir / "checkpoints").exists():
