@@ -110,6 +110,12 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     from ..data.collate import Collator, LengthGroupedBatchSampler, PillDataset
     from ..models import fingerprint_llm
 
+    # accelerate keeps its state per process; a later stage in the same single process (pill demo,
+    # a notebook) may use another precision, so start from a clean state there.
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     # cpu=True on machines without CUDA makes accelerate use gloo when launched with several processes.
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
