@@ -11,16 +11,6 @@ from PIL import Image
 from pill.eval.run_commands import UNTRAINED_NOTE, ChatSession, chat_session, interactive_chat
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two
-    OpenMP threads spinning against other processes make these tests ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def vlm(tiny_vlm):
     torch.manual_seed(1)

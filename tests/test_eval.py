@@ -48,16 +48,6 @@ def make_scienceqa(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two
-    OpenMP threads spinning against other processes make these tests ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def sqa(tmp_path):
     return make_scienceqa(tmp_path / "sqa")
