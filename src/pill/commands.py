@@ -26,11 +26,10 @@ def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: 
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        name = llm
         if llm == "smollm2-135m-instruct":
             model = build_llm_preset("smollm2-135m")
         else:
-            cfg = AutoConfig.from_pretrained(name)
+            cfg = AutoConfig.from_pretrained(llm)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(cfg)
     if vpg == "blip2-qformer":

@@ -258,6 +258,7 @@ class PillVLM(nn.Module):
         modality_ids = None if modality_ids is None else modality_ids.to(self.device)
         embeds = self.embed(input_ids, modality_ids, pixel_values, image_features)
         eos = self._eos_ids(eos_token_id)
+        eos_ids = torch.tensor(sorted(eos), device=self.device) if eos else None  # built once, not per step
         pad = self.processor.pad_token_id if self.processor is not None else (min(eos) if eos else 0)
         mods = modality_ids if modality_ids is not None else torch.zeros_like(input_ids)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -272,8 +273,8 @@ class PillVLM(nn.Module):
             new_tokens.append(token)
             if streamer is not None:
                 streamer(token)
-            done = done | torch.isin(token, torch.tensor(sorted(eos), device=self.device, dtype=token.dtype)) \
-                if eos else done
+            if eos_ids is not None:
+                done = done | torch.isin(token, eos_ids)
             if bool(done.all()) or len(new_tokens) == max_new_tokens:
                 break
             attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype,

@@ -34,11 +34,16 @@ STATE = "state.pt"
 COMPLETE = "COMPLETE"
 
 
+def _encode_metadata(metadata: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata is str -> str: JSON-encode every non-string value."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Write ``tensors`` to ``path`` atomically; metadata values are JSON-encoded."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta = _encode_metadata(metadata)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -106,7 +111,7 @@ def save_resume_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor]
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:06d}."))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS),
-                  metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+                  metadata=_encode_metadata(metadata))
         torch.save(state, tmp / STATE)
         (tmp / COMPLETE).write_text(str(step))
         if final.exists():
