@@ -11,11 +11,9 @@ the same model and batch, and (3) the peak resident memory of a fresh process.
 Patches:
     fused_adapter      SwiGLUAdapter: one d -> 2r matmul for W_g and W_d (weights concatenated
                        on the fly, parameter names unchanged)
-    recompute_plugins  PillAttnInput / PillFFNInput: checkpoint norm + adapter (+ experts), so
-                       the backward recomputes them from the layer input instead of keeping
-                       the normalised input, the gathered rows and the adapter internals
-    mag_image_rows     ModalityAttentionGate: a small autograd function that keeps only the
-                       image rows of the values and of the gate input
+
+Measured earlier and since merged into the library (BENCHMARKS.md): ``recompute_plugins``
+(now ``train.recompute_plugins``) and ``mag_image_rows`` (the gate touches only image rows).
 """
 from __future__ import annotations
 
@@ -42,90 +40,15 @@ def _fused_adapter_forward(self, z: torch.Tensor) -> torch.Tensor:
     return self.w_up(F.silu(g) * d)
 
 
-def _attn_input_recompute(self, x: torch.Tensor) -> torch.Tensor:
-    from torch.utils.checkpoint import checkpoint
-
-    from pill.inject import _in_own_dtype
-
-    def f(x):
-        n1 = self.base(x)
-        return n1 + _in_own_dtype(self.pill_adapter, n1)
-
-    if torch.is_grad_enabled() and x.requires_grad:
-        return checkpoint(f, x, use_reentrant=False)
-    return f(x)
-
-
-def _ffn_input_recompute(self, x: torch.Tensor) -> torch.Tensor:
-    from torch.utils.checkpoint import checkpoint
-
-    from pill.inject import IMAGE, TEXT, _visual
-
-    state = self._state[0]
-    mods = state.modality_ids
-    if mods is not None:
-        _visual(state, x)
-        if state.swap_last and self.is_last:
-            mods = torch.where(mods == TEXT, IMAGE, torch.where(mods == IMAGE, TEXT, mods))
-    elif state.swap_last and self.is_last:
-        mods = torch.full(x.shape[:2], IMAGE, dtype=torch.long, device=x.device)
-
-    def f(x):  # mods is captured now, so the recomputation routes exactly as the forward did
-        n2 = self.base(x)
-        return n2 + self.pill_experts(n2, mods)
-
-    if torch.is_grad_enabled() and x.requires_grad:
-        return checkpoint(f, x, use_reentrant=False)
-    return f(x)
-
-
-class _GateRows(torch.autograd.Function):
-    """v (N, n_kv, hd) -> v with rows ``idx`` scaled per head by g (N_vis, n_kv), in place.
-
-    Keeps only the image rows of v for the backward pass (the text rows pass unchanged)."""
-
-    @staticmethod
-    def forward(ctx, v, g, idx):
-        v_vis = v.index_select(0, idx)  # (N_vis, n_kv, hd)
-        v.index_copy_(0, idx, v_vis * g.unsqueeze(-1))
-        ctx.mark_dirty(v)
-        ctx.save_for_backward(v_vis, g, idx)
-        return v
-
-    @staticmethod
-    def backward(ctx, grad):
-        v_vis, g, idx = ctx.saved_tensors
-        grad_vis = grad.index_select(0, idx)  # (N_vis, n_kv, hd)
-        grad_g = (grad_vis * v_vis).sum(-1)  # (N_vis, n_kv)
-        grad_v = grad.clone()
-        grad_v.index_copy_(0, idx, grad_vis * g.unsqueeze(-1))
-        return grad_v, grad_g, None
-
-
-def _gate_image_rows(self, a: torch.Tensor, v: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    B, T, _ = v.shape
-    idx = visual.reshape(-1).nonzero().squeeze(1)  # (N_vis,)
-    if idx.numel() == 0:
-        return v
-    g = self.gates(a.reshape(B * T, -1).index_select(0, idx)).to(v.dtype)  # (N_vis, n_kv)
-    if self.record:
-        self.last_abs_gate = g.detach().abs().float().mean(0)
-    return _GateRows.apply(v.reshape(B * T, self.num_kv_heads, -1), g, idx).view(B, T, -1)
-
-
 def _targets():
-    from pill.inject import PillAttnInput, PillFFNInput
-    from pill.modules import ModalityAttentionGate, SwiGLUAdapter
+    from pill.modules import SwiGLUAdapter
 
     return {
         "fused_adapter": [(SwiGLUAdapter, "forward", _fused_adapter_forward)],
-        "recompute_plugins": [(PillAttnInput, "forward", _attn_input_recompute),
-                              (PillFFNInput, "forward", _ffn_input_recompute)],
-        "mag_image_rows": [(ModalityAttentionGate, "forward", _gate_image_rows)],
     }
 
 
-PATCHES = ("fused_adapter", "recompute_plugins", "mag_image_rows")
+PATCHES = ("fused_adapter",)
 
 
 @contextlib.contextmanager
@@ -243,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--model", default="embedded", choices=["embedded", "tiny"])
-    p.add_argument("--variants", default="fused_adapter,recompute_plugins,mag_image_rows,all")
+    p.add_argument("--variants", default="fused_adapter")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="experiments.json")

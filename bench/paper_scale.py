@@ -18,10 +18,16 @@ with fused (flash) attention no T x T matrix is kept. Per decoder layer and toke
                         + 2 * (2d + 2 d_kv) q, k, v, attention output (bf16)
                         + 4h                attention log-sum-exp (fp32)
                         + 3 * 2f            SwiGLU MLP: gate, up, silu(gate) (bf16)
-    PILL adds per token:  2d + 4 * 2r       attention adapter: its input n1 and 4 r-wide tensors
+    PILL, plug-in activations kept (``train.recompute_plugins: false``), per token:
+                          2d + 4 * 2r       attention adapter: its input n1 and 4 r-wide tensors
                         + 2d + 4 * 2r + 8   MoMAE: the gathered n2, 4 r-wide tensors, the row index
-                        + 2d + 2 d_kv       MAG (dense form): its input a and the values v,
-                        + 4 n_kv + 1        tanh(g), the per-token scale and the image mask
+                        and per image token:
+                          2d + 8            MAG: the gathered attention input a and the row index
+                        + 2 n_kv + 2 d_kv   tanh(g) and the image rows of v
+    PILL as ``pill train`` runs it (``train.recompute_plugins``: norm + plug-in recomputed in
+    backward): the two RMSNorms keep nothing (-2 * (4d + 4)); instead each recomputed block
+    keeps its input, the layer input and the mid-layer residual (+2 * 2d, bf16; the routing ids
+    are the model's one modality-id tensor); the MAG terms are as above.
     outside the layers:   B*T * (4d + 4 + 4 * head_dim + 2)   final norm, RoPE cos/sin, masks
                         + N_answer * 4V     fp32 log-softmax of the loss (head only on answers)
                         + N_images * K * 2 d_vpg             the projector's input
@@ -62,23 +68,27 @@ class Shapes:
         return self.kv_heads * self.head_dim
 
 
-def layer_bytes_per_token(s: Shapes, pill: bool) -> dict:
-    """Saved bytes per token of one decoder layer: text tokens, and the extra of image tokens."""
-    frozen = 2 * (4 * s.d + 4) + 2 * (2 * s.d + 2 * s.d_kv) + 4 * s.heads + 3 * 2 * s.f
+def layer_bytes_per_token(s: Shapes, pill: bool, recompute: bool = True) -> dict:
+    """Bytes one decoder layer keeps for the backward, per token: text tokens, and the extra of
+    image tokens."""
+    norms = 2 * (4 * s.d + 4)
+    frozen = norms + 2 * (2 * s.d + 2 * s.d_kv) + 4 * s.heads + 3 * 2 * s.f
     if not pill:
         return {"text": frozen, "image_extra": 0}
+    mag = 2 * s.d + 8 + 2 * s.kv_heads + 2 * s.d_kv  # image rows only
+    if recompute:
+        return {"text": frozen - norms + 2 * 2 * s.d, "image_extra": mag}
     adapter = 2 * s.d + 4 * 2 * s.r
     momae = 2 * s.d + 4 * 2 * s.r + 8
-    mag = 2 * s.d + 2 * s.d_kv + 4 * s.kv_heads + 1
-    return {"text": frozen + adapter + momae + mag, "image_extra": 0}
+    return {"text": frozen + adapter + momae, "image_extra": mag}
 
 
 def activation_bytes(s: Shapes, batch: int, length: int, images_per_row: int = 1, answer_frac: float = 0.25,
-                     checkpointing: bool = False, pill: bool = True) -> int:
-    """Estimated bytes autograd keeps for one forward of ``batch`` x ``length`` (formula above)."""
+                     checkpointing: bool = False, pill: bool = True, recompute: bool = True) -> int:
+    """Estimated bytes kept for the backward of one forward of ``batch`` x ``length`` (formula above)."""
     tokens = batch * length
     image_tokens = batch * images_per_row * s.K
-    per = layer_bytes_per_token(s, pill)
+    per = layer_bytes_per_token(s, pill, recompute and not checkpointing)
     one_layer = tokens * per["text"] + image_tokens * per["image_extra"]
     outside = tokens * (4 * s.d + 4 + 4 * s.head_dim + 2) + int(batch * length * answer_frac) * 4 * s.vocab \
         + image_tokens * 2 * s.d_vpg
@@ -87,7 +97,7 @@ def activation_bytes(s: Shapes, batch: int, length: int, images_per_row: int = 1
     return s.layers * one_layer + outside
 
 
-def measure_saved(s: Shapes, length: int, layers: int, pill: bool = True) -> int:
+def measure_saved(s: Shapes, length: int, layers: int, pill: bool = True, recompute: bool = True) -> int:
     """Bytes autograd saves for one forward of a real ``layers``-layer model with the shapes ``s``
     (batch 1, one image at the start, all bf16, no autocast), parameters excluded."""
     from pill.config import PillConfig
@@ -108,6 +118,7 @@ def measure_saved(s: Shapes, length: int, layers: int, pill: bool = True) -> int
     if pill:
         model = PillVLM(llm, FeatureVPG(s.K, s.d_vpg), None, PillConfig(r=s.r))
         model.set_stage("finetune")
+        model.enable_plugin_recompute(recompute)
     else:
         for p in llm.parameters():
             p.requires_grad_(False)
@@ -139,6 +150,7 @@ def bench_paper_scale(measure: bool = True, log: Optional[Callable[[str], None]]
     weights_vpg = 2 * p_vpg
     master, grads, adam, casts = 4 * P, 4 * P, 8 * P, 2 * P
     act = {"no_checkpointing": activation_bytes(s, B, T), "checkpointing": activation_bytes(s, B, T, checkpointing=True),
+           "keep_plugin_activations": activation_bytes(s, B, T, recompute=False),
            "frozen_llm_no_checkpointing": activation_bytes(s, B, T, pill=False)}
     fixed = weights_llm + master + grads + adam + casts
     totals = {}
@@ -157,6 +169,8 @@ def bench_paper_scale(measure: bool = True, log: Optional[Callable[[str], None]]
         "activation_formula": "L*B*T*a_layer + B*K*a_image + B*T*(4d+4+4*head_dim+2) + N_answer*4V + N_img*K*2*d_vpg; "
                               "checkpointing: L*B*T*2d + one layer + outside (see bench/paper_scale.py)",
         "layer_bytes_per_token": layer_bytes_per_token(s, True),
+        "recompute_plugins": "no_checkpointing is what pill train does by default (train.recompute_plugins); "
+                             "keep_plugin_activations: with it off",
         "total_bytes": totals,
         "fits_48gb": {k: {kk: vv < budget for kk, vv in v.items()} for k, v in totals.items()},
         "headroom_bytes_no_checkpointing_vpg_on_gpu": budget - totals["no_checkpointing"]["vpg_on_gpu"],
@@ -170,11 +184,13 @@ def bench_paper_scale(measure: bool = True, log: Optional[Callable[[str], None]]
         # The per-layer terms, checked on the real LLaMA-2-7B layer shapes: 2 layers minus 1 layer,
         # one row of the batch (every term is per row, so the batch multiplies it).
         val = {"length": measure_length, "batch": 1}
-        for kind in (("pill", "frozen") if measure_frozen else ("pill",)):
-            pill = kind == "pill"
-            m1 = measure_saved(s, measure_length, 1, pill)
-            per_layer = measure_saved(s, measure_length, 2, pill) - m1
-            per = layer_bytes_per_token(s, pill)
+        kinds = {"pill": (True, True), "pill_keep": (True, False), "frozen": (False, False)}
+        for kind, (pill, recompute) in kinds.items():
+            if kind == "frozen" and not measure_frozen:
+                continue
+            m1 = measure_saved(s, measure_length, 1, pill, recompute)
+            per_layer = measure_saved(s, measure_length, 2, pill, recompute) - m1
+            per = layer_bytes_per_token(s, pill, recompute)
             formula = measure_length * per["text"] + s.K * per["image_extra"]
             val[kind] = {"per_layer_measured": per_layer, "per_layer_formula": formula,
                          "per_layer_error": formula / per_layer - 1, "outside_measured": m1 - per_layer,
@@ -184,11 +200,13 @@ def bench_paper_scale(measure: bool = True, log: Optional[Callable[[str], None]]
                     f"{formula / 2**20:.1f} vs {per_layer / 2**20:.1f} MiB ({formula / per_layer - 1:+.1%})")
         out["validation"] = val
         if measure_length == T:  # the measured terms give the estimate directly
-            v = val["pill"]
+            v, vk = val["pill"], val["pill_keep"]
             layer_in = 2 * s.d * T  # per row and layer, kept under checkpointing
             measured = {"no_checkpointing": B * (s.layers * v["per_layer_measured"] + v["outside_measured"]),
-                        "checkpointing": B * (s.layers * layer_in + v["per_layer_measured"] + v["outside_measured"])}
+                        "checkpointing": B * (s.layers * layer_in + vk["per_layer_measured"] + vk["outside_measured"]),
+                        "keep_plugin_activations": B * (s.layers * vk["per_layer_measured"] + vk["outside_measured"])}
             out["activation_bytes_measured_terms"] = measured
+            act["keep_plugin_activations"] = max(act["keep_plugin_activations"], measured["keep_plugin_activations"])
             for k in ("no_checkpointing", "checkpointing"):
                 act[k] = max(act[k], measured[k])  # the larger of formula and measurement
                 totals[k] = {"features_cached": fixed + act[k], "vpg_on_gpu": fixed + weights_vpg + act[k]}

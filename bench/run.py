@@ -141,13 +141,16 @@ def run(args) -> dict:
         result["feature_cache_speedup"] = r["speedup"]["median"]
 
     r = timed_item("memory", lambda: training.bench_memory(
-        cfg["memory_length"], cfg["model"], device, contenders=cfg["contenders"], log=_log,
+        cfg["memory_length"], cfg["model"], device, contenders=(*cfg["contenders"], "pill-keep"), log=_log,
         in_process=mode == "smoke"))
     if r:
         # Headline: peak of live tensor bytes (max_memory_allocated on CUDA, the profiler's memory
         # timeline on CPU); the process-level peak RSS, allocator effects included, next to it.
         result["peak_memory_ratio_vs_frozen"] = r["ratios"]["pill_vs_frozen"]["tensor_peak_bytes"]
         result["peak_memory_ratio_vs_frozen_rss"] = r["ratios"]["pill_vs_frozen"]["peak_bytes"]
+        # the same with train.recompute_plugins off (plug-in activations kept for the backward)
+        keep = r["contenders"]["pill-keep"]["tensor_peak_bytes"] / max(r["contenders"]["frozen"]["tensor_peak_bytes"], 1)
+        result["peak_memory_ratio_vs_frozen_keep_activations"] = keep
         result["peak_memory_bytes"] = {n: c["tensor_peak_bytes"] for n, c in r["contenders"].items()}
 
     r = timed_item("paper_scale", lambda: paper_scale.bench_paper_scale(

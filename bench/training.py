@@ -7,7 +7,9 @@ each row, image features precomputed so that no VPG runs), the same trainable pr
 only on the labelled answer positions) and the same optimizer step (AdamW). What differs is
 only what trains inside the LLM:
 
-- ``pill``: the PILL plug-ins (attention adapters, MoMAE experts, MAG gates), stage 2;
+- ``pill``: the PILL plug-ins (attention adapters, MoMAE experts, MAG gates), stage 2, as
+  ``pill train`` runs them (``train.recompute_plugins``: norm + plug-ins recomputed in backward);
+- ``pill-keep`` (memory only): the same, keeping the plug-ins' activations instead;
 - ``frozen``: nothing -- the LLM is frozen and the gradient flows through every layer to the
   input embeddings (and so to the projector). Any input-side adapter method pays at least this;
 - ``lora``: LoRA r = 8 on every linear layer of the LLM (``target_modules="all-linear"``);
@@ -68,12 +70,13 @@ def build_contender(name: str, model: str, device: torch.device) -> nn.Module:
     num_tokens, dim_vpg = vpg_shape(model)
     llm = load_base_llm(model, device)
     torch.manual_seed(0)
-    if name == "pill":
+    if name in ("pill", "pill-keep"):
         from pill.config import PillConfig
         from pill.vlm import PillVLM
 
         m = PillVLM(llm, FeatureVPG(num_tokens, dim_vpg), None, PillConfig())
         m.set_stage("finetune")
+        m.enable_plugin_recompute(name == "pill")
     else:
         for p in llm.parameters():
             p.requires_grad_(name == "full")
@@ -82,7 +85,7 @@ def build_contender(name: str, model: str, device: torch.device) -> nn.Module:
 
             llm = get_peft_model(llm, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
         elif name not in ("frozen", "full"):
-            raise ValueError(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
+            raise ValueError(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}, pill-keep")
         m = ProjectedLLM(llm, dim_vpg)
     return m.to(device).train()
 

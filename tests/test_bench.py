@@ -51,7 +51,7 @@ def test_smoke_run_reports_paper_scale(smoke):
     assert ps["optimizer_state_bytes"] == 12 * P  # AdamW m + v + fp32 master
     assert ps["weight_bytes_bf16"]["llm"] == 2 * 6_738_415_616
     acts = ps["activation_bytes"]
-    assert 0 < acts["checkpointing"] < acts["no_checkpointing"]
+    assert 0 < acts["checkpointing"] < acts["no_checkpointing"] < acts["keep_plugin_activations"]
     assert isinstance(ps["fits_48gb_stage2"], bool)
 
 
@@ -63,5 +63,15 @@ def test_smoke_run_compares_the_same_contenders(smoke):
     trainable = step["trainable"]
     assert trainable["frozen"] < trainable["lora"] and trainable["frozen"] < trainable["pill"] < trainable["full"]
     mem = smoke["details"]["memory"]["contenders"]
-    assert set(mem) == {"pill", "frozen", "lora", "full"}
+    assert set(mem) == {"pill", "pill-keep", "frozen", "lora", "full"}
     assert all(m["peak_bytes"] > 0 for m in mem.values())
+
+
+def test_paper_scale_activation_formula_matches_autograd_on_small_layers():
+    from bench.paper_scale import Shapes, layer_bytes_per_token, measure_saved
+
+    s = Shapes(layers=2, d=256, f=688, heads=4, kv_heads=2, vocab=500, r=8, K=16, d_vpg=32)
+    for pill, recompute in ((True, True), (True, False), (False, False)):
+        per_layer = measure_saved(s, 128, 2, pill, recompute) - measure_saved(s, 128, 1, pill, recompute)
+        per = layer_bytes_per_token(s, pill, recompute)
+        assert 128 * per["text"] + s.K * per["image_extra"] == per_layer, (pill, recompute)

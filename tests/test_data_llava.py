@@ -119,3 +119,12 @@ def test_malformed_file(tmp_path):
         load_llava(path, IMAGES)
     with pytest.raises(DataError, match="not found"):
         load_llava(tmp_path / "absent.json", IMAGES)
+
+
+def test_empty_system_prompt_is_kept_and_a_records_own_system_turn_wins(tmp_path):
+    records = json.loads((LLAVA / "mix665k.json").read_text())
+    samples = load_llava(_write(tmp_path, records[:1]), IMAGES, system_prompt="", progress=False)
+    assert samples[0].messages[0] == {"role": "system", "content": ""}
+    own = dict(records[0], conversations=[{"from": "system", "value": "Mine."}] + records[0]["conversations"])
+    samples = load_llava(_write(tmp_path, [own]), IMAGES, system_prompt="Configured.", progress=False)
+    assert [m for m in samples[0].messages if m["role"] == "system"] == [{"role": "system", "content": "Mine."}]

@@ -111,3 +111,44 @@ def test_token_gate_is_per_token_and_head():
     assert torch.allclose(out.view(1, 3, 2, 4)[visual], expected[visual], atol=1e-6)
     assert sum(p.numel() for p in g.parameters()) == 16 * 2
     assert sum(p.numel() for p in ModalityAttentionGate(16, 2, "head").parameters()) == 2
+
+
+def _dense_gate(g: ModalityAttentionGate, a, v, visual):
+    """Reference formula: every row scaled by tanh(g) where visual, by 1 elsewhere."""
+    gates = g.gates(a)  # (B, T, n_kv)
+    scale = torch.where(visual.unsqueeze(-1), gates, torch.ones_like(gates))
+    B, T, _ = v.shape
+    return (v.view(B, T, g.num_kv_heads, -1) * scale.unsqueeze(-1)).view(B, T, -1)
+
+
+@pytest.mark.parametrize("variant", ["token", "head"])
+def test_gate_on_visual_rows_equals_dense_formula_values_and_gradients(variant):
+    torch.manual_seed(0)
+    g = ModalityAttentionGate(16, num_kv_heads=2, variant=variant)
+    for p in g.parameters():
+        torch.nn.init.normal_(p)
+    proj = torch.nn.Linear(16, 8)  # v comes out of a linear layer, as v_proj's output does
+    a = torch.randn(2, 5, 16, requires_grad=True)
+    visual = torch.tensor([[False, True, True, False, False], [True, False, False, False, True]])
+    w = torch.randn(2, 5, 8)
+
+    def run(fn):
+        for t in [a, *g.parameters(), *proj.parameters()]:
+            t.grad = None
+        out = fn(g, a, proj(a), visual)
+        (out * w).sum().backward()
+        return out.detach(), [t.grad.clone() for t in [a, *g.parameters(), *proj.parameters()]]
+
+    out, grads = run(lambda m, *x: m(*x))
+    ref, ref_grads = run(_dense_gate)
+    assert torch.allclose(out, ref, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_gate_without_visual_rows_returns_values_unchanged():
+    g = ModalityAttentionGate(16, num_kv_heads=2)
+    v = torch.randn(1, 3, 8)
+    g.record = True
+    assert torch.equal(g(torch.randn(1, 3, 16), v.clone(), torch.zeros(1, 3, dtype=torch.bool)), v)
+    assert g.last_abs_gate is None

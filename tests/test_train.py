@@ -271,3 +271,32 @@ def test_mixed_llava_data_and_gate_learning_rate(tmp_path, synth_root, feature_d
     assert len(mixed.dataset) == len(plain.dataset) + 24  # one caption per training image
     lrs = sorted(g["lr"] for g in mixed.optimizer.param_groups)
     assert lrs[-1] == pytest.approx(10 * lrs[0])
+
+
+def test_system_prompt_travels_from_training_to_eval_and_chat(tmp_path, synth_root, feature_dir, monkeypatch):
+    from pill.eval.evaluate import evaluate_scienceqa
+    from pill.eval.run_commands import ChatSession
+    from pill.inference import load_run
+    from pill.train.loop import load_dataset_samples, train
+
+    cfg = TrainConfig.from_dict(tiny_config(synth_root, feature_dir, **{"data.system_prompt": "Look closely."}))
+    samples = load_dataset_samples(cfg, progress=False)
+    assert all(s.messages[0] == {"role": "system", "content": "Look closely."} for s in samples)
+    train(cfg, tmp_path / "run", max_steps=1, progress=False)
+    vlm = load_run(tmp_path / "run")
+    assert vlm.system_prompt == "Look closely."
+
+    res = evaluate_scienceqa(vlm, synth_root, "test", prompt_format="QCM-A", limit=2, max_new_tokens=2,
+                             out_dir=tmp_path / "eval", system_prompt=vlm.system_prompt, progress=False)
+    prompts = [json.loads(l)["prompt"] for l in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert res["count"] == 2 and all("Look closely." in p for p in prompts)
+
+    seen = []
+    real_generate = vlm.generate
+    monkeypatch.setattr(vlm, "generate", lambda **kw: seen.append(kw["input_ids"]) or real_generate(**kw))
+    ChatSession(vlm, max_new_tokens=1).ask("What is it?")
+    vlm.chat("What is it?", max_new_tokens=1)
+    ChatSession(vlm, max_new_tokens=1, system_prompt="Be brief.").ask("What is it?")
+    texts = [vlm.tokenizer.decode(ids[0]) for ids in seen]
+    assert "Look closely." in texts[0] and "Look closely." in texts[1]
+    assert "Be brief." in texts[2] and "Look closely." not in texts[2]

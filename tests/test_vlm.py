@@ -267,6 +267,55 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_vlm):
         assert torch.allclose(plain[n], checkpointed[n], atol=1e-6), n
 
 
+@pytest.mark.parametrize("stage", ["align", "finetune"])
+def test_plugin_recompute_gives_the_same_gradients_and_keeps_less(tiny_vlm, stage, monkeypatch):
+    import pill.inject
+
+    _randomise(tiny_vlm)
+    tiny_vlm.set_stage(stage)
+    batch = tiny_vlm.processor(["<image> what is it? a red box", "no image here, just text"], [[_img()], []],
+                               side="right")
+    labels = batch["input_ids"].clone()
+    labels[batch["modality_ids"].bool()] = -100
+
+    def grads():
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        tiny_vlm.zero_grad()
+        tiny_vlm.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = tiny_vlm(**batch, labels=labels).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in tiny_vlm.named_parameters() if p.grad is not None}, sum(saved)
+
+    calls = []
+    inner = pill.inject.checkpoint
+    monkeypatch.setattr(pill.inject, "checkpoint", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    plain, plain_bytes = grads()
+    assert not calls
+    tiny_vlm.enable_plugin_recompute()
+    try:
+        recomputed, recomputed_bytes = grads()
+    finally:
+        tiny_vlm.enable_plugin_recompute(False)
+    n_layers = len(tiny_vlm.llm.model.layers)
+    assert len(calls) == 2 * n_layers  # attention-input and FFN-input wrappers of every layer
+    assert recomputed_bytes < plain_bytes
+    assert sorted(plain) == sorted(recomputed) and len(plain) >= 3
+    for n in plain:
+        assert torch.allclose(plain[n], recomputed[n], atol=1e-6), n
+    with torch.no_grad():  # inference never checkpoints
+        calls.clear()
+        tiny_vlm.enable_plugin_recompute()
+        tiny_vlm(**batch)
+        tiny_vlm.enable_plugin_recompute(False)
+    assert not calls
+
+
 def test_cpu_bf16_autocast_training_step(tiny_vlm):
     _randomise(tiny_vlm)
     batch = tiny_vlm.processor(["<image> what is it? a red box", "just text"], [[_img()], []], side="right")

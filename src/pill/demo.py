@@ -102,11 +102,12 @@ def run_demo(st: DemoSettings) -> dict:
     vlm = PillVLM.from_pretrained(cfg2["model"]["llm"], cfg2["model"]["vpg"], pool=st.pool)
     timings["load_models"] = time.time() - t
     fmt = cfg2["data"]["prompt_format"]
+    vlm.system_prompt = cfg2["data"].get("system_prompt")  # as in training
 
     def evaluate(tag: str) -> dict:
         t = time.time()
         res = evaluate_scienceqa(vlm, data, "test", prompt_format=fmt, batch_size=st.eval_batch_size,
-                                 mode=st.eval_mode, out_dir=out / f"eval-{tag}",
+                                 mode=st.eval_mode, out_dir=out / f"eval-{tag}", system_prompt=vlm.system_prompt,
                                  max_new_tokens=st.max_new_tokens if st.eval_mode == "generate" else None)
         timings[f"eval_{tag}"] = time.time() - t
         return res
@@ -148,7 +149,8 @@ def run_demo(st: DemoSettings) -> dict:
     from .data.collate import Collator, prompt_items
     from .data.scienceqa import load_scienceqa
 
-    sample = load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False)
+    sample = load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False,
+                            system_prompt=vlm.system_prompt)
     batch = Collator(vlm.processor, padding_side="left")(prompt_items(sample, vlm.processor))
     gates = vlm.measure_gates(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask",
                                                                           "modality_ids", "pixel_values")})

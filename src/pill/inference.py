@@ -20,7 +20,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: Optional[torch.dty
     Reads ``run_dir/config.yaml`` (models, plug-in config) and ``run_dir/pill.safetensors``; the
     checkpoint's fingerprints must match the base LLM and VPG loaded now. When the run started
     from an earlier stage (``init_from``), tensors that this stage did not train come from there.
-    Sets ``vlm.run_info`` = {run_dir, stages, llm, vpg}.
+    Sets ``vlm.run_info`` = {run_dir, stages, llm, vpg} and ``vlm.system_prompt`` (the run's
+    ``data.system_prompt``).
     """
     from .models import fingerprint_llm
     from .train.checkpoint import WEIGHTS, load_weights
@@ -54,4 +55,5 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: Optional[torch.dty
     vlm.set_stage(cfg.stage)
     vlm.eval()
     vlm.run_info = {"run_dir": str(run_dir), "stages": stages, "llm": m.llm, "vpg": m.vpg}
+    vlm.system_prompt = cfg.data.system_prompt  # chat as the run was trained
     return vlm

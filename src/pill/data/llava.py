@@ -55,7 +55,9 @@ def record_to_sample(record: Any, index: int, image_folder: Union[str, os.PathLi
         raise BadSample(f"{where}: missing required field 'conversations'", "missing_field")
     if not isinstance(convs, list) or not convs:
         raise BadSample(f"{where}: 'conversations' must be a non-empty list", "bad_field")
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    own_system = isinstance(convs[0], dict) and ROLES.get(convs[0].get("from")) == "system"
+    # a record's own system turn wins over the configured one
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None and not own_system else []
     for t, turn in enumerate(convs):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise BadSample(f"{where}: turn {t} needs 'from' and 'value'", "missing_field")

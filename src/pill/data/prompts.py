@@ -127,7 +127,7 @@ def scienceqa_messages(problem: Mapping[str, Any], input_format: str = "QCM", ou
                        escape_newlines=text_options.get("escape_newlines", False))
     if has_image:
         user = f"{IMAGE_TOKEN}\n{user}"
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": user})
     messages.append({"role": "assistant", "content": build_target(problem, output_format, answer=answer,
                                                                     **text_options)})

@@ -159,7 +159,8 @@ def generate_answers(vlm, samples: Sequence, *, batch_size: int = 8, max_new_tok
 def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: str = "QCM-A",
                        limit: Optional[int] = None, batch_size: int = 8, max_new_tokens: Optional[int] = None,
                        mode: str = "generate", out_dir=None, use_caption: bool = False,
-                       template: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+                       template: Optional[str] = None, system_prompt: Optional[str] = None,
+                       progress: bool = True) -> dict[str, Any]:
     """Answer the problems of one ScienceQA split, score them, and write the result files.
 
     Args:
@@ -176,6 +177,8 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
             (created); ``None`` writes nothing.
         use_caption: add ``captions.json`` captions to the context, as in training with captions.
         template: chat template name or string (default: the tokenizer's own, as in training).
+        system_prompt: system message, as in training (the run's ``data.system_prompt``); None:
+            the chat template's default.
 
     Returns the scores (``NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg`` percentages, ``topics``,
     ``count``, ``unparsed``) plus ``split``, ``prompt_format``, ``mode``, ``seconds``,
@@ -207,7 +210,7 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
 
     start = time.perf_counter()
     samples = load_scienceqa(data_root, split, prompt_format=prompt_format, use_caption=use_caption,
-                             limit=limit, progress=progress)
+                             limit=limit, progress=progress, system_prompt=system_prompt)
     if not samples:
         raise PillError(f"{data_root}: split {split!r} has no problems to evaluate")
     desc = f"ScienceQA {split} ({mode})"

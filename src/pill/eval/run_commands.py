@@ -39,10 +39,12 @@ class ChatSession:
         temperature: 0 for greedy decoding, > 0 to sample (with ``top_p``).
         seed: seed of the sampling generator (sampling only).
         template: chat template name or string (default: the tokenizer's own).
+        system_prompt: system message of the conversation (default: ``vlm.system_prompt``, which
+            :func:`~pill.inference.load_run` sets to the run's; None there: the template's default).
     """
 
     def __init__(self, vlm, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: Optional[int] = None, template: Optional[str] = None):
+                 seed: Optional[int] = None, template: Optional[str] = None, system_prompt: Optional[str] = None):
         from ..errors import ConfigError, PillError
 
         if vlm.processor is None:
@@ -56,6 +58,7 @@ class ChatSession:
         self.temperature = temperature
         self.top_p = top_p
         self.template = template
+        self.system_prompt = system_prompt if system_prompt is not None else getattr(vlm, "system_prompt", None)
         self.generator = None
         if seed is not None and temperature > 0:
             import torch
@@ -86,7 +89,8 @@ class ChatSession:
             prompt = "<image>\n" * missing + prompt
         messages = self.messages + [{"role": "user", "content": prompt}]
         all_images = self.images + imgs
-        text = render_chat(self.vlm.tokenizer, messages, self.template, add_generation_prompt=True)
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        text = render_chat(self.vlm.tokenizer, system + messages, self.template, add_generation_prompt=True)
         batch = self.vlm.processor([text], [all_images])  # (1, T); pixel_values (N, 3, H, W)
         tokenizer = self.vlm.tokenizer
         eos = self.vlm._eos_ids(None)
@@ -282,7 +286,7 @@ def _eval_scienceqa(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run / f"eval-{args.split}"
     result = evaluate_scienceqa(vlm, data, args.split, prompt_format=prompt_format, limit=args.limit,
                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mode=args.mode,
-                                out_dir=out, use_caption=use_caption)
+                                out_dir=out, use_caption=use_caption, system_prompt=cfg.data.system_prompt)
     print(f"ScienceQA {args.split}, format {prompt_format}, mode {args.mode}: {result['count']} problems "
           f"in {result['seconds']:.1f} s\n")
     print(format_table(result))

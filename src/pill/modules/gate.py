@@ -14,6 +14,8 @@ class ModalityAttentionGate(nn.Module):
     one gate per token and head, as in the reference code.
     ``variant="head"``: one learned scalar per head (zero-init), shared by all visual tokens.
     Text tokens are never touched. Only values are gated, so fused attention kernels stay in use.
+    The gates are computed on the visual rows only (gathered by index), which also keeps the
+    backward's saved tensors to those rows.
     """
 
     def __init__(self, dim: int, num_kv_heads: int, variant: str = "token"):
@@ -38,12 +40,43 @@ class ModalityAttentionGate(nn.Module):
         return torch.tanh(self.gate).expand(*a.shape[:-1], -1)
 
     def forward(self, a: torch.Tensor, v: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        """a: (B, T, d) attention input; v: (B, T, n_kv * head_dim) values; visual: (B, T) bool -> gated v."""
+        """a: (B, T, d) attention input; v: (B, T, n_kv * head_dim) values; visual: (B, T) bool -> gated v.
+
+        Only the visual rows are touched: the gate map runs on those rows alone, and the backward
+        keeps only their values (text rows pass through untouched, with no copy kept)."""
         B, T, _ = v.shape
-        # The gate map is d -> n_kv (tiny), so it runs densely on every token and the text tokens
-        # are masked to 1: no gather/scatter of the large value tensor, forward or backward.
-        g = self.gates(a).to(v.dtype)  # (B, T, n_kv)
+        idx = visual.reshape(-1).nonzero().squeeze(1)  # (N_vis,)
+        if idx.numel() == 0:
+            if self.record:
+                self.last_abs_gate = None
+            return v
+        g = self.gates(a.reshape(B * T, -1).index_select(0, idx)).to(v.dtype)  # (N_vis, n_kv)
         if self.record:
-            self.last_abs_gate = g.detach()[visual].abs().float().mean(0) if visual.any() else None  # (n_kv,)
-        scale = torch.where(visual.unsqueeze(-1), g, torch.ones_like(g))  # (B, T, n_kv)
-        return (v.view(B, T, self.num_kv_heads, -1) * scale.unsqueeze(-1)).view(B, T, -1)
+            self.last_abs_gate = g.detach().abs().float().mean(0)  # (n_kv,)
+        return _GateRows.apply(v.reshape(B * T, self.num_kv_heads, -1), g, idx).view(B, T, -1)
+
+
+class _GateRows(torch.autograd.Function):
+    """v (N, n_kv, hd) with rows ``idx`` scaled per head by g (N_vis, n_kv), in place.
+
+    Saves only the visual rows of v for the backward pass; the gradient of the text rows is
+    the incoming gradient itself."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        v_vis = v.index_select(0, idx)  # (N_vis, n_kv, hd)
+        v.index_copy_(0, idx, v_vis * g.unsqueeze(-1))
+        ctx.mark_dirty(v)
+        ctx.save_for_backward(v_vis, g, idx)
+        return v
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        v_vis, g, idx = ctx.saved_tensors
+        grad_vis = grad.index_select(0, idx)  # (N_vis, n_kv, hd)
+        grad_g = (grad_vis * v_vis).sum(-1) if ctx.needs_input_grad[1] else None  # (N_vis, n_kv)
+        grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_v = grad.clone()
+            grad_v.index_copy_(0, idx, grad_vis * g.unsqueeze(-1))
+        return grad_v, grad_g, None

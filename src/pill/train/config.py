@@ -41,6 +41,9 @@ class DataConfig:
     split: str = "train"
     prompt_format: str = "QCM-A"  # ScienceQA input-output format, e.g. QCM-ALE
     use_caption: bool = False
+    # System message of every sample (training, and `pill eval` / `pill chat` with this run).
+    # None: the chat template's default (SmolLM2's adds its own); "": an empty system message.
+    system_prompt: Optional[str] = None
     json: Optional[str] = None  # LLaVA JSON file
     image_folder: Optional[str] = None  # LLaVA image folder
     max_length: int = 512
@@ -105,7 +108,10 @@ class RunConfig:
 
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, float32 on CPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute whole LLM layers in backward (least memory)
+    # recompute norm + plug-ins in backward instead of keeping their activations: the plugged
+    # model's activation memory stays within a few per cent of the frozen model's (BENCHMARKS.md)
+    recompute_plugins: bool = True
     save_every: int = 100  # optimizer steps between resumable checkpoints
     keep_last: int = 2
     log_every: int = 1

@@ -65,13 +65,13 @@ def load_dataset_samples(cfg: TrainConfig, progress: bool = True):
         from ..data.scienceqa import load_scienceqa
 
         samples = load_scienceqa(d.root, d.split, prompt_format=d.prompt_format, use_caption=d.use_caption,
-                                 skip_bad=d.skip_bad, limit=d.limit, progress=progress)
+                                 skip_bad=d.skip_bad, limit=d.limit, progress=progress, system_prompt=d.system_prompt)
     else:
         samples = load_llava(d.json, d.image_folder or os.path.dirname(d.json), skip_bad=d.skip_bad, limit=d.limit,
-                             progress=progress)
+                             progress=progress, system_prompt=d.system_prompt)
     if d.mix_llava_json:
         extra = load_llava(d.mix_llava_json, d.mix_image_folder or os.path.dirname(d.mix_llava_json),
-                           skip_bad=d.skip_bad, progress=progress)
+                           skip_bad=d.skip_bad, progress=progress, system_prompt=d.system_prompt)
         samples.extend(extra)
     return samples
 
@@ -133,6 +133,8 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     vlm.set_stage(cfg.stage)
     if cfg.train.gradient_checkpointing:
         vlm.enable_gradient_checkpointing()
+    else:
+        vlm.enable_plugin_recompute(cfg.train.recompute_plugins)
 
     samples = load_dataset_samples(cfg, progress=progress and accelerator.is_main_process)
     dataset = PillDataset(samples, vlm.processor, cfg.data.max_length, on_overflow=cfg.data.too_long,
