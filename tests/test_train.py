@@ -266,11 +266,20 @@ def test_mixed_llava_data_and_gate_learning_rate(tmp_path, synth_root, feature_d
     plain = setup(TrainConfig.from_dict(tiny_config(synth_root, feature_dir)), tmp_path / "a", progress=False)
     mixed_cfg = tiny_config(synth_root, feature_dir, **{"data.mix_llava_json": str(synth_root / "captions_llava.json"),
                                                         "data.mix_image_folder": str(synth_root / "images"),
-                                                        "optim.gate_lr_scale": 10.0})
+                                                        "optim.gate_lr_scale": 10.0,
+                                                        "optim.projector_lr_scale": 0.25})
     mixed = setup(TrainConfig.from_dict(mixed_cfg), tmp_path / "b", progress=False)
     assert len(mixed.dataset) == len(plain.dataset) + 24  # one caption per training image
-    lrs = sorted(g["lr"] for g in mixed.optimizer.param_groups)
-    assert lrs[-1] == pytest.approx(10 * lrs[0])
+    limited = setup(TrainConfig.from_dict({**mixed_cfg, "data": {**mixed_cfg["data"], "mix_limit": 10}}),
+                    tmp_path / "c", progress=False)
+    assert len(limited.dataset) == len(plain.dataset) + 10
+    base = mixed_cfg["optim"]["lr"]
+    named = dict(mixed.vlm.named_parameters())
+    lr_of = {id(p): g["lr"] for g in mixed.optimizer.param_groups for p in g["params"]}
+    for n, p in named.items():
+        if p.requires_grad:
+            want = 10 * base if ".pill_gate." in n else 0.25 * base if n.startswith("pill_projector.") else base
+            assert lr_of[id(p)] == pytest.approx(want), n
 
 
 def test_system_prompt_travels_from_training_to_eval_and_chat(tmp_path, synth_root, feature_dir, monkeypatch):

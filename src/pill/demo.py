@@ -26,8 +26,8 @@ class DemoSettings:
     n_train: int = 2000
     n_test: int = 200
     seed: int = 0
-    align_steps: int = 250
-    finetune_steps: int = 300
+    align_steps: int = 220
+    finetune_steps: int = 260
     batch_size: int = 8
     eval_batch_size: int = 16
     eval_mode: str = "generate"

@@ -54,12 +54,15 @@ class DataConfig:
     # Also train on this LLaVA JSON (e.g. captions mixed into instruction tuning, as LLaVA-1.5 does).
     mix_llava_json: Optional[str] = None
     mix_image_folder: Optional[str] = None
+    mix_limit: Optional[int] = None  # use only the first N samples of mix_llava_json
 
     def __post_init__(self):
         if self.format == "scienceqa" and not self.root:
             raise ConfigError("root: required for format scienceqa")
         if self.format == "llava" and not self.json:
             raise ConfigError("json: required for format llava")
+        if self.mix_limit is not None and self.mix_limit < 1:
+            raise ConfigError(f"mix_limit: must be >= 1, got {self.mix_limit}")
         if not 0.0 <= self.wrong_answer_p <= 1.0:
             raise ConfigError(f"wrong_answer_p: must be in [0, 1], got {self.wrong_answer_p}")
         if self.max_length < 8:
@@ -88,10 +91,16 @@ class OptimConfig:
     grad_clip: Optional[float] = 1.0
     min_lr_ratio: float = 0.0
     gate_lr_scale: float = 1.0  # learning-rate multiplier for the attention gates (MAG)
+    # learning-rate multiplier for the projector: Adam moves every weight by about lr per step, so
+    # the projected image tokens move by about lr * |features|_1 -- large next to the LLM's
+    # embeddings when the VPG's features are wide and unnormalised (EfficientNet: 1280 channels)
+    projector_lr_scale: float = 1.0
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.gate_lr_scale <= 0 or self.projector_lr_scale <= 0:
+            raise ConfigError("gate_lr_scale and projector_lr_scale: must be > 0")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ConfigError("batch_size and micro_batch_size: must be >= 1")
         if self.epochs < 1:

@@ -71,7 +71,7 @@ def load_dataset_samples(cfg: TrainConfig, progress: bool = True):
                              progress=progress, system_prompt=d.system_prompt)
     if d.mix_llava_json:
         extra = load_llava(d.mix_llava_json, d.mix_image_folder or os.path.dirname(d.mix_llava_json),
-                           skip_bad=d.skip_bad, progress=progress, system_prompt=d.system_prompt)
+                           skip_bad=d.skip_bad, limit=d.mix_limit, progress=progress, system_prompt=d.system_prompt)
         samples.extend(extra)
     return samples
 
@@ -152,9 +152,13 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
     named = [(n, p) for n, p in vlm.named_parameters() if p.requires_grad]
     gates = [p for n, p in named if ".pill_gate." in n]
-    decay = [p for n, p in named if p.ndim >= 2 and ".pill_gate." not in n]
-    no_decay = [p for n, p in named if p.ndim < 2 and ".pill_gate." not in n]
+    projector = [p for n, p in named if n.startswith("pill_projector.")]
+    rest = [(n, p) for n, p in named if ".pill_gate." not in n and not n.startswith("pill_projector.")]
+    decay = [p for n, p in rest if p.ndim >= 2]
+    no_decay = [p for n, p in rest if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": projector, "weight_decay": cfg.optim.weight_decay,
+               "lr": cfg.optim.lr * cfg.optim.projector_lr_scale},
               {"params": gates, "weight_decay": 0.0, "lr": cfg.optim.lr * cfg.optim.gate_lr_scale}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     scheduler = _cosine(optimizer, int(cfg.optim.warmup_ratio * total), total, cfg.optim.min_lr_ratio)
