@@ -22,7 +22,8 @@ with fused (flash) attention no T x T matrix is kept. Per decoder layer and toke
                           2d + 4 * 2r       attention adapter: its input n1 and 4 r-wide tensors
                         + 2d + 4 * 2r + 8   MoMAE: the gathered n2, 4 r-wide tensors, the row index
                         and per image token:
-                          2d + 8            MAG: the gathered attention input a and the row index
+                          2d                MAG: the gathered attention input a (the row index
+                                            is found once per forward and shared by all layers)
                         + 2 n_kv + 2 d_kv   tanh(g) and the image rows of v
     PILL as ``pill train`` runs it (``train.recompute_plugins``: norm + plug-in recomputed in
     backward): the two RMSNorms keep nothing (-2 * (4d + 4)); instead each recomputed block
@@ -75,7 +76,7 @@ def layer_bytes_per_token(s: Shapes, pill: bool, recompute: bool = True) -> dict
     frozen = norms + 2 * (2 * s.d + 2 * s.d_kv) + 4 * s.heads + 3 * 2 * s.f
     if not pill:
         return {"text": frozen, "image_extra": 0}
-    mag = 2 * s.d + 8 + 2 * s.kv_heads + 2 * s.d_kv  # image rows only
+    mag = 2 * s.d + 2 * s.kv_heads + 2 * s.d_kv  # image rows only; their index is shared by all layers
     if recompute:
         return {"text": frozen - norms + 2 * 2 * s.d, "image_extra": mag}
     adapter = 2 * s.d + 4 * 2 * s.r

@@ -41,6 +41,15 @@ class PillState:
     # Training: recompute norm + plug-in in the backward pass instead of keeping their inputs and
     # internals (about 0.1x less activation memory for a few per cent more time).
     recompute: bool = False
+    _rows: Optional[tuple] = field(default=None, repr=False, compare=False)  # (modality_ids, rows)
+
+    def visual_rows(self) -> torch.Tensor:
+        """Flat (B*T) indices of the non-text tokens of the current forward: found once per
+        forward (one host sync on GPU) and shared by every layer's gate."""
+        m = self.modality_ids
+        if self._rows is None or self._rows[0] is not m:
+            self._rows = (m, (m.reshape(-1) != TEXT).nonzero().squeeze(1))
+        return self._rows[1]
 
 
 @dataclass
@@ -59,6 +68,13 @@ def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a plug-in in its own (float32) dtype on a possibly half-precision input; return x's dtype."""
     dtype = next(module.parameters()).dtype
     return module(x.to(dtype)).to(x.dtype) if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type) else module(x)
+
+
+def _maybe_recompute(state: PillState, fn, *args: Optional[torch.Tensor]) -> torch.Tensor:
+    """``fn(*args)``, under a non-reentrant checkpoint when training with ``state.recompute``."""
+    if state.recompute and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def _visual(state: PillState, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -84,9 +100,7 @@ class PillAttnInput(nn.Module):
         self._state = [state]  # a list keeps the state out of nn.Module's attribute machinery
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
-        if self._state[0].recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return _maybe_recompute(self._state[0], self._forward, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         n1 = self.base(x)
@@ -114,10 +128,8 @@ class PillFFNInput(nn.Module):
                 mods = torch.where(mods == TEXT, IMAGE, torch.where(mods == IMAGE, TEXT, mods))
         elif state.swap_last and self.is_last:
             mods = torch.full(x.shape[:2], IMAGE, dtype=torch.long, device=x.device)
-        if state.recompute and torch.is_grad_enabled():
-            # the routing is fixed now, so the recomputation sends each token where this pass did
-            return checkpoint(self._forward, x, mods, use_reentrant=False)
-        return self._forward(x, mods)
+        # the routing is fixed now, so a recomputation sends each token where this pass did
+        return _maybe_recompute(state, self._forward, x, mods)
 
     def _forward(self, x: torch.Tensor, mods: Optional[torch.Tensor]) -> torch.Tensor:
         n2 = self.base(x)
@@ -145,7 +157,7 @@ class PillValueProj(nn.Module):
         visual = _visual(state, a)
         if visual is None:
             return v
-        return self.pill_gate(a, v, visual)
+        return self.pill_gate(a, v, visual, rows=state.visual_rows())
 
 
 def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

@@ -39,13 +39,15 @@ class ModalityAttentionGate(nn.Module):
             return torch.tanh(self.w_gate(a if torch.is_autocast_enabled(a.device.type) else a.to(w.dtype)))
         return torch.tanh(self.gate).expand(*a.shape[:-1], -1)
 
-    def forward(self, a: torch.Tensor, v: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, v: torch.Tensor, visual: torch.Tensor,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """a: (B, T, d) attention input; v: (B, T, n_kv * head_dim) values; visual: (B, T) bool -> gated v.
+        ``rows``: the flat indices of ``visual``'s True entries, when the caller has them already.
 
         Only the visual rows are touched: the gate map runs on those rows alone, and the backward
         keeps only their values (text rows pass through untouched, with no copy kept)."""
         B, T, _ = v.shape
-        idx = visual.reshape(-1).nonzero().squeeze(1)  # (N_vis,)
+        idx = rows if rows is not None else visual.reshape(-1).nonzero().squeeze(1)  # (N_vis,)
         if idx.numel() == 0:
             if self.record:
                 self.last_abs_gate = None
