@@ -107,7 +107,7 @@ def run_demo(st: DemoSettings) -> dict:
     def evaluate(tag: str) -> dict:
         t = time.time()
         res = evaluate_scienceqa(vlm, data, "test", prompt_format=fmt, batch_size=st.eval_batch_size,
-                                 mode=st.eval_mode, out_dir=out / f"eval-{tag}", system_prompt=vlm.system_prompt,
+                                 mode=st.eval_mode, out_dir=out / f"eval-{tag}",
                                  max_new_tokens=st.max_new_tokens if st.eval_mode == "generate" else None)
         timings[f"eval_{tag}"] = time.time() - t
         return res

@@ -177,8 +177,9 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
             (created); ``None`` writes nothing.
         use_caption: add ``captions.json`` captions to the context, as in training with captions.
         template: chat template name or string (default: the tokenizer's own, as in training).
-        system_prompt: system message, as in training (the run's ``data.system_prompt``); None:
-            the chat template's default.
+        system_prompt: system message, as in training; default ``vlm.system_prompt``, which
+            :func:`~pill.inference.load_run` sets to the run's ``data.system_prompt`` (None there:
+            the chat template's default).
 
     Returns the scores (``NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg`` percentages, ``topics``,
     ``count``, ``unparsed``) plus ``split``, ``prompt_format``, ``mode``, ``seconds``,
@@ -208,6 +209,8 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
                       "explanation before 'The answer is X.', but the letter is scored right after the prompt",
                       stacklevel=2)
 
+    if system_prompt is None:
+        system_prompt = getattr(vlm, "system_prompt", None)
     start = time.perf_counter()
     samples = load_scienceqa(data_root, split, prompt_format=prompt_format, use_caption=use_caption,
                              limit=limit, progress=progress, system_prompt=system_prompt)

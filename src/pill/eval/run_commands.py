@@ -286,7 +286,7 @@ def _eval_scienceqa(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run / f"eval-{args.split}"
     result = evaluate_scienceqa(vlm, data, args.split, prompt_format=prompt_format, limit=args.limit,
                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mode=args.mode,
-                                out_dir=out, use_caption=use_caption, system_prompt=cfg.data.system_prompt)
+                                out_dir=out, use_caption=use_caption)
     print(f"ScienceQA {args.split}, format {prompt_format}, mode {args.mode}: {result['count']} problems "
           f"in {result['seconds']:.1f} s\n")
     print(format_table(result))

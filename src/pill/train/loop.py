@@ -150,18 +150,18 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
 
     steps_per_epoch = len(sampler)
     total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
-    named = [(n, p) for n, p in vlm.named_parameters() if p.requires_grad]
-    gates = [p for n, p in named if ".pill_gate." in n]
-    projector = [p for n, p in named if n.startswith("pill_projector.")]
-    rest = [(n, p) for n, p in named if ".pill_gate." not in n and not n.startswith("pill_projector.")]
-    decay = [p for n, p in rest if p.ndim >= 2]
-    no_decay = [p for n, p in rest if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": projector, "weight_decay": cfg.optim.weight_decay,
-               "lr": cfg.optim.lr * cfg.optim.projector_lr_scale},
-              {"params": gates, "weight_decay": 0.0, "lr": cfg.optim.lr * cfg.optim.gate_lr_scale}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    scheduler = _cosine(optimizer, int(cfg.optim.warmup_ratio * total), total, cfg.optim.min_lr_ratio)
+    o = cfg.optim
+    groups = {"decay": {"params": [], "weight_decay": o.weight_decay},
+              "no_decay": {"params": [], "weight_decay": 0.0},
+              "projector": {"params": [], "weight_decay": o.weight_decay, "lr": o.lr * o.projector_lr_scale},
+              "gate": {"params": [], "weight_decay": 0.0, "lr": o.lr * o.gate_lr_scale}}
+    for n, p in vlm.named_parameters():
+        if p.requires_grad:
+            kind = ("gate" if ".pill_gate." in n else "projector" if n.startswith("pill_projector.")
+                    else "decay" if p.ndim >= 2 else "no_decay")
+            groups[kind]["params"].append(p)
+    optimizer = torch.optim.AdamW([g for g in groups.values() if g["params"]], lr=o.lr, betas=tuple(o.betas))
+    scheduler = _cosine(optimizer, int(o.warmup_ratio * total), total, o.min_lr_ratio)
     model, optimizer = accelerator.prepare(vlm, optimizer)
     return Setup(cfg, run_dir, accelerator, vlm, model, dataset, sampler, collator, optimizer, scheduler,
                  features, feature_keys, steps_per_epoch, total, fingerprints)
