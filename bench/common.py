@@ -93,23 +93,23 @@ def trim_memory() -> None:
         pass
 
 
-def _status_kib(field: str) -> Optional[int]:
+def _status_bytes(field: str) -> int:
+    """``field`` of ``/proc/self/status`` in bytes (Linux); elsewhere the peak from getrusage."""
     try:
         with open("/proc/self/status") as f:
             m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-        return int(m.group(1)) if m else None
+        if m:
+            return int(m.group(1)) * 1024
     except OSError:
-        return None
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_bytes() -> int:
     """Resident set size now (Linux ``VmRSS``; elsewhere the peak from getrusage)."""
-    kib = _status_kib("VmRSS")
-    if kib is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kib * 1024
+    return _status_bytes("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -124,12 +124,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """Peak resident set size since the last :func:`reset_peak_rss` (or process start)."""
-    kib = _status_kib("VmHWM")
-    if kib is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kib * 1024
+    return _status_bytes("VmHWM")
 
 
 class SavedActivations:

@@ -14,7 +14,6 @@ the breakdown of the ``vpg`` epoch is reported to show that bound.
 """
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -41,38 +40,21 @@ def _write_images(folder: Path, n: int) -> list[tuple[str, str, str]]:
 
 
 class _Cache:
-    """``pill.train.features.FeatureCache`` when present, else a single safetensors file."""
+    """The features of ``paths`` in a :class:`pill.train.features.FeatureCache`, built once (timed)."""
+
+    impl = "pill.train.features.FeatureCache"
 
     def __init__(self, root: Path, vpg, paths: list[str], batch_size: int):
-        try:
-            from pill.train.features import FeatureCache, content_key
-        except ImportError:
-            FeatureCache = None
+        from pill.train.features import FeatureCache, content_key
+
         t = time.perf_counter()
-        if FeatureCache is not None:
-            self.impl = "pill.train.features.FeatureCache"
-            self.cache = FeatureCache(root, vpg)
-            self.keys = {p: content_key(p) for p in paths}
-            self.cache.build({self.keys[p]: p for p in paths}, batch_size=batch_size, progress=False)
-            self.get = lambda ps: self.cache.get([self.keys[p] for p in ps])
-        else:
-            from safetensors import safe_open
-            from safetensors.torch import save_file
-
-            from pill.data.images import load_image
-
-            self.impl = "bench safetensors file"
-            self.keys = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
-            tensors = {}
-            with torch.no_grad():
-                for i in range(0, len(paths), batch_size):
-                    chunk = paths[i:i + batch_size]
-                    feats = vpg(vpg.preprocess([load_image(p) for p in chunk])).float().cpu()
-                    tensors.update({self.keys[p]: f.contiguous() for p, f in zip(chunk, feats)})
-            save_file(tensors, str(root / "features.safetensors"))
-            handle = safe_open(str(root / "features.safetensors"), framework="pt")
-            self.get = lambda ps: torch.stack([handle.get_tensor(self.keys[p]) for p in ps])
+        self.cache = FeatureCache(root, vpg)
+        self.keys = {p: content_key(p) for p in paths}
+        self.cache.build({self.keys[p]: p for p in paths}, batch_size=batch_size, progress=False)
         self.build_s = time.perf_counter() - t
+
+    def get(self, paths: list[str]) -> torch.Tensor:
+        return self.cache.get([self.keys[p] for p in paths])
 
 
 def bench_feature_cache(model: str, device: torch.device, n_images: int, batch_size: int, warmup: int, reps: int,

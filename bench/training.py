@@ -227,21 +227,16 @@ def bench_memory(length: int, model: str, device: torch.device, contenders=CONTE
     cmds = {n: [sys.executable, str(run), "--memory-worker", n, "--length", str(length), "--model", model,
                 "--device", device.type, "--threads", str(torch.get_num_threads())] for n in contenders}
     results = {}
-    if in_process:  # smoke runs only: checks the plumbing, the numbers share one heap
-        for n in contenders:
+    for n, c in cmds.items():
+        if in_process:  # smoke runs only: checks the plumbing, the numbers share one heap
             results[n] = memory_worker(n, length, model, device)
             results[n]["method"] += " (in-process: smoke only, not comparable)"
             trim_memory()
-        done = {}
-    else:
-        done = {}
-        for n, c in cmds.items():
-            p = subprocess.run(c, capture_output=True, text=True)
-            done[n] = (p.stdout, p.stderr, p.returncode)
-    for n, (stdout, stderr, rc) in done.items():
-        if rc != 0:
-            raise RuntimeError(f"memory worker {n} failed ({rc}):\n{stderr[-3000:]}")
-        results[n] = json.loads(stdout.strip().splitlines()[-1])
+            continue
+        p = subprocess.run(c, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"memory worker {n} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        results[n] = json.loads(p.stdout.strip().splitlines()[-1])
     for n, r in results.items():
         if log:
             log(f"  memory {n}: tensor peak {r['tensor_peak_bytes'] / 2**20:.0f} MiB, process peak "
