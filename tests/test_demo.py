@@ -23,6 +23,11 @@ def test_quick_demo_writes_report_and_plots(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for stage in ("align", "finetune"):
         assert (out / stage / "pill.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    w = load_file(str(out / "finetune" / "pill.safetensors"))
+    # block-10 features, standardised with the statistics of the 16 training images (16 tokens each)
+    assert w["pill_projector.weight"].shape == (576, 112) and int(w["pill_feature_norm.count"]) == 16 * 16
     assert (out / "eval-after" / "predictions.json").is_file()
     gates = json.loads((out / "finetune" / "gates.json").read_text())
     assert len(gates["mean_abs_gate"]) == 30

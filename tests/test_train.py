@@ -309,3 +309,50 @@ def test_system_prompt_travels_from_training_to_eval_and_chat(tmp_path, synth_ro
     texts = [vlm.tokenizer.decode(ids[0]) for ids in seen]
     assert "Look closely." in texts[0] and "Look closely." in texts[1]
     assert "Be brief." in texts[2] and "Look closely." not in texts[2]
+
+
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_feature_norm_is_fitted_on_training_images_and_kept_by_the_next_stage(tmp_path, synth_root, feature_dir,
+                                                                              feature_cache):
+    from pill.inference import load_run
+    from pill.train.loop import train
+
+    model = {"model.vpg_layer": 10, "model.pool": 3, "model.feature_norm": True, "train.feature_cache": feature_cache}
+    align = tiny_config(synth_root, feature_dir, stage="align", **model)
+    train(TrainConfig.from_dict(align), tmp_path / "align", max_steps=1, progress=False)
+    w1 = weights(tmp_path / "align")
+    assert int(w1["pill_feature_norm.count"]) == 24 * 9  # 24 training images x 3 x 3 tokens of block 10
+    assert w1["pill_projector.weight"].shape[1] == w1["pill_feature_norm.mean"].numel() == 112
+    # the statistics are those of the VPG's features of the training images
+    from pill.data.images import load_image
+    from pill.vpg.efficientnet import EfficientNetVPG
+
+    torch.manual_seed(0)
+    vpg = EfficientNetVPG(pretrained=False, pool=3, layer=10)
+    qids = json.loads((synth_root / "pid_splits.json").read_text())["train"]
+    imgs = [load_image(synth_root / "images" / "train" / q / "image.png") for q in qids]
+    with torch.no_grad():
+        f = vpg(vpg.preprocess(imgs)).reshape(-1, 112).double()
+    assert torch.allclose(w1["pill_feature_norm.mean"].double(), f.mean(0), atol=1e-4)
+    assert torch.allclose(w1["pill_feature_norm.std"].double(), f.std(0), rtol=1e-3, atol=1e-5)
+
+    cfg2 = tiny_config(synth_root, feature_dir, init_from=str(tmp_path / "align"), **model)
+    apply_overrides(cfg2, ["data.split=val"])  # other images: the statistics still come from stage 1
+    train(TrainConfig.from_dict(cfg2), tmp_path / "finetune", max_steps=1, progress=False)
+    w2 = weights(tmp_path / "finetune")
+    for k in ("mean", "std", "count"):
+        assert torch.equal(w1[f"pill_feature_norm.{k}"], w2[f"pill_feature_norm.{k}"])
+    vlm = load_run(tmp_path / "finetune")
+    assert vlm.vpg.name == "efficientnet-lite0-block10-pool3"
+    assert torch.equal(vlm.pill_feature_norm.mean, w1["pill_feature_norm.mean"])
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"model.vpg_layer": 16}, "vpg_layer"),
+    ({"model.pool": 8}, r"pool: .*\(7 for vpg_layer None\)"),
+    ({"model.pool": 15, "model.vpg_layer": 10}, r"\(14 for vpg_layer 10\)"),
+])
+def test_vpg_layer_and_pool_are_validated(synth_root, feature_dir, changes, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig.from_dict(tiny_config(synth_root, feature_dir, **changes))
+    TrainConfig.from_dict(tiny_config(synth_root, feature_dir, **{"model.vpg_layer": 10, "model.pool": 14}))

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +138,11 @@ def test_params_cli_json(capsys):
     assert json.loads(capsys.readouterr().out)["trainable"] == 45_088_768
     assert main(["params", "--stage", "align"]) == 0
     assert "15,728,640" in capsys.readouterr().out
+    # the demo's config: the projector reads EfficientNet block 10 (112 channels)
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "stage2_synth.yaml")
+    assert main(["params", "--llm", "smollm2-135m", "--vpg", "efficientnet-lite0", "--config", demo, "--json"]) == 0
+    parts = {r["part"]: r["trainable"] for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert parts["projector"] == 112 * 576
 
 
 def test_blip2_vpg_from_local_checkpoint(tmp_path):
@@ -327,3 +333,68 @@ def test_cpu_bf16_autocast_training_step(tiny_vlm):
     assert torch.isfinite(out.loss)
     grads = [p.grad for n, p in tiny_vlm.named_parameters() if "pill_" in n]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+def test_efficientnet_block_taps():
+    from pill.errors import PillError
+    from pill.vpg import load_vpg
+    from pill.vpg.efficientnet import EfficientNetVPG, feature_grid
+
+    torch.manual_seed(0)
+    head = EfficientNetVPG(pretrained=False)
+    b10 = EfficientNetVPG(pretrained=False, layer=10)
+    b10.net.load_state_dict(head.net.state_dict())
+    pix = head.preprocess([_img(), _img((0, 0, 255))])
+    assert (b10.num_tokens, b10.dim, b10.name) == (196, 112, "efficientnet-lite0-block10")
+    with torch.no_grad():
+        out = b10(pix)
+        # block 10's output is an intermediate of the head's computation
+        x = torch.nn.functional.relu6(head.net._conv_stem(pix))
+        for blk in head.net._blocks[:11]:
+            x = blk(x)
+    assert out.shape == (2, 196, 112)
+    assert torch.allclose(out, x.flatten(2).transpose(1, 2), atol=1e-5)
+    pooled = EfficientNetVPG(pretrained=False, layer=-1, pool=3)  # the last block: 320 x 7 x 7
+    assert (pooled.num_tokens, pooled.dim, pooled(pix).shape) == (9, 320, (2, 9, 320))
+    assert [feature_grid(k) for k in (None, 0, 1, 3, 5, 10, 11, 15)] == [7, 112, 56, 28, 14, 14, 7, 7]
+    assert load_vpg("efficientnet-lite0", pretrained=False, layer=10, pool=4).num_tokens == 16
+    assert head.fingerprint() != EfficientNetVPG(pretrained=False, layer=15).fingerprint()
+    with pytest.raises(PillError, match="block index in 0..15"):
+        EfficientNetVPG(pretrained=False, layer=16)
+    with pytest.raises(PillError, match=r"between 1 and the feature grid \(7\)"):
+        EfficientNetVPG(pretrained=False, pool=8)
+    with pytest.raises(PillError, match="no layer choice"):
+        load_vpg("blip2-qformer", "somewhere", layer=3)
+
+
+def test_feature_norm_standardises_and_travels_with_the_weights(tiny_llm, tiny_vpg, tokenizer):
+    torch.manual_seed(0)
+    vlm = PillVLM(tiny_llm, tiny_vpg, tokenizer, feature_norm=True)
+    feats = torch.randn(6, tiny_vpg.num_tokens, tiny_vpg.dim) * torch.linspace(0.5, 4, tiny_vpg.dim) + 7.0
+    feats[..., 0] = 3.0  # a constant channel is centred, not blown up
+    ids = torch.full((1, tiny_vpg.num_tokens), vlm.processor.image_token_id)
+    mods = torch.ones_like(ids)
+    # not fitted yet: the identity
+    assert not vlm.pill_feature_norm.fitted
+    raw = vlm.embed(ids, mods, image_features=feats[:1])
+    assert torch.allclose(raw, vlm.pill_projector(feats[:1]), atol=1e-6)
+    assert vlm.fit_feature_norm([feats[:2], feats[2:]]) == 6 * tiny_vpg.num_tokens
+    flat = feats.reshape(-1, tiny_vpg.dim).double()
+    fn = vlm.pill_feature_norm
+    assert torch.allclose(fn.mean.double(), flat.mean(0), atol=1e-5)
+    assert torch.allclose(fn.std[1:].double(), flat.std(0)[1:], rtol=1e-4)
+    z = fn(feats)
+    assert z[..., 0].abs().max() < 1e-4 and torch.isfinite(z).all()
+    assert torch.allclose(z[..., 1:].reshape(-1, tiny_vpg.dim - 1).std(0), torch.ones(tiny_vpg.dim - 1), atol=1e-4)
+    emb = vlm.embed(ids, mods, image_features=feats[:1])
+    assert torch.allclose(emb, vlm.pill_projector(fn(feats[:1])), atol=1e-6)
+    # the statistics are saved with the trained tensors and loaded back
+    state = vlm.pill_state_dict()
+    assert {"pill_feature_norm.mean", "pill_feature_norm.std", "pill_feature_norm.count"} <= set(state)
+    fresh = PillVLM(tiny_llm, tiny_vpg, tokenizer, feature_norm=True)
+    fresh.load_pill_state_dict(state)
+    assert fresh.pill_feature_norm.fitted and torch.equal(fresh.pill_feature_norm.std, fn.std)
+    with pytest.raises(KeyError, match="without feature_norm"):
+        PillVLM(tiny_llm, tiny_vpg, tokenizer).load_pill_state_dict(state)
+    with pytest.raises(DataError, match="width"):
+        vlm.fit_feature_norm([torch.zeros(2, 3)])

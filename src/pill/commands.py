@@ -11,11 +11,12 @@ from .errors import PillError
 
 
 def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: str = "finetune",
-                     config: Optional[PillConfig] = None) -> dict:
+                     config: Optional[PillConfig] = None, vpg_layer: Optional[int] = None) -> dict:
     """Trainable-parameter table of a PILL model built on the meta device (no weights, no download).
 
     ``llm``: a preset (``llama2-7b``, ``smollm2-135m``), ``smollm2-135m-instruct`` or any Hugging Face
-    folder / hub id (only its config is read). ``vpg``: ``blip2-qformer``, ``efficientnet-lite0``.
+    folder / hub id (only its config is read). ``vpg``: ``blip2-qformer``, ``efficientnet-lite0``
+    (``vpg_layer``: its block whose output the projector reads; default the head).
     Returns ``{"llm", "vpg", "stage", "rows": [...], "trainable": int}``.
     """
     from .models import LLM_PRESETS, build_llm_from_config, build_llm_preset
@@ -40,7 +41,7 @@ def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: 
         from .vpg.efficientnet import EfficientNetVPG
 
         with torch.device("meta"):
-            v = EfficientNetVPG(pretrained=False)
+            v = EfficientNetVPG(pretrained=False, layer=vpg_layer)
     else:
         raise PillError(f"params: unknown vpg {vpg!r}; choose blip2-qformer or efficientnet-lite0")
     with torch.device("meta"):
@@ -61,8 +62,10 @@ def format_parameter_table(result: dict) -> str:
 def _params(args) -> int:
     from .cli import print_json
 
-    cfg = PillConfig.from_dict(_load_yaml(args.config).get("pill", {})) if args.config else PillConfig()
-    result = count_parameters(args.llm, args.vpg, args.stage, cfg)
+    raw = _load_yaml(args.config) if args.config else {}
+    cfg = PillConfig.from_dict(raw.get("pill", {}))
+    layer = (raw.get("model") or {}).get("vpg_layer") if args.vpg == "efficientnet-lite0" else None
+    result = count_parameters(args.llm, args.vpg, args.stage, cfg, vpg_layer=layer)
     if args.json:
         print_json(result)
     else:
@@ -102,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-mode", choices=["likelihood", "generate"])
     p.add_argument("--precision", choices=["auto", "no", "bf16"], help="training precision (default auto)")
-    p.add_argument("--pool", type=int, help="pool the 7x7 EfficientNet grid to N x N visual tokens (default 4)")
+    p.add_argument("--pool", type=int, help="pool the EfficientNet block-10 grid (14 x 14) to N x N visual tokens (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
@@ -110,6 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llm", default="llama2-7b", help="preset (llama2-7b, smollm2-135m), HF folder or hub id")
     p.add_argument("--vpg", default="blip2-qformer", choices=["blip2-qformer", "efficientnet-lite0"])
     p.add_argument("--stage", default="finetune", choices=["align", "finetune"])
-    p.add_argument("--config", help="YAML file whose 'pill:' section sets the plug-in config")
+    p.add_argument("--config", help="YAML file whose 'pill:' section sets the plug-in config (and 'model: vpg_layer' "
+                                    "the EfficientNet block)")
     p.add_argument("--json", action="store_true", help="print JSON (field 'trainable' is the total)")
     p.set_defaults(func=_params)

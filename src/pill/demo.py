@@ -99,7 +99,9 @@ def run_demo(st: DemoSettings) -> dict:
     torch.manual_seed(st.seed)
     t = time.time()
     cfg2 = _demo_config("stage2_synth.yaml")
-    vlm = PillVLM.from_pretrained(cfg2["model"]["llm"], cfg2["model"]["vpg"], pool=st.pool)
+    m = cfg2["model"]
+    vlm = PillVLM.from_pretrained(m["llm"], m["vpg"], pool=st.pool, vpg_layer=m.get("vpg_layer"),
+                                  feature_norm=m.get("feature_norm", False))
     timings["load_models"] = time.time() - t
     fmt = cfg2["data"]["prompt_format"]
     vlm.system_prompt = cfg2["data"].get("system_prompt")  # as in training
@@ -129,8 +131,9 @@ def run_demo(st: DemoSettings) -> dict:
             raw["data"]["image_folder"] = str(data / "images")
         else:
             raw["data"]["root"] = str(data)
-            raw["data"]["mix_llava_json"] = str(data / "captions_llava.json")
-            raw["data"]["mix_image_folder"] = str(data / "images")
+            if raw["data"].get("mix_llava_json"):  # the demo config mixes the captions in
+                raw["data"]["mix_llava_json"] = str(data / "captions_llava.json")
+                raw["data"]["mix_image_folder"] = str(data / "images")
             raw["init_from"] = str(runs["align"])
         run_dir = out / stage
         if (run_dir / "pill.safetensors").exists() or (run_dir / "checkpoints").exists():

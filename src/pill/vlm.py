@@ -25,6 +25,52 @@ class VLMOutput:
     cache: object = None
 
 
+class FeatureNorm(nn.Module):
+    """Per-channel standardisation of the frozen VPG's features: ``(x - mean) / std``.
+
+    The statistics come from training images (:meth:`fit`, called at the start of training,
+    see :meth:`PillVLM.fit_feature_norm`) and travel with the trained tensors; until then it
+    is the identity. Features from a block inside a CNN are not centred (some channels sit at
+    +10 on every image), which a bias-free projector learns slowly; standardised, every
+    channel starts on an equal footing.
+    """
+
+    def __init__(self, dim: int, device=None):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim, device=device))
+        self.register_buffer("std", torch.ones(dim, device=device))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.int64, device=device))  # vectors seen; 0: not fitted
+
+    @property
+    def fitted(self) -> bool:
+        return int(self.count) > 0
+
+    @torch.no_grad()
+    def fit(self, batches) -> int:
+        """Set the statistics from ``batches`` of features (..., dim); returns the number of vectors."""
+        dim = self.mean.numel()
+        total, s1, s2 = 0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
+        for f in batches:
+            if f.shape[-1] != dim:
+                raise DataError(f"feature_norm: features of width {f.shape[-1]}, expected {dim}")
+            f = f.reshape(-1, dim).to(device="cpu", dtype=torch.float64)
+            total += f.shape[0]
+            s1 += f.sum(0)
+            s2 += f.square().sum(0)
+        if total < 2:
+            raise DataError("feature_norm: needs the features of at least one image to fit its statistics")
+        mean = s1 / total
+        std = (s2 / total - mean.square()).clamp_min(0).mul(total / (total - 1)).sqrt()
+        std = std.clamp_min(max(1e-6, 1e-2 * float(std.mean())))  # near-constant channels are not blown up
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.std.copy_(std.to(self.std.dtype))
+        self.count.fill_(total)
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
 def _cache_kw(decoder: nn.Module) -> str:
     params = inspect.signature(decoder.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -38,11 +84,14 @@ class PillVLM(nn.Module):
         vpg: a frozen :class:`~pill.vpg.VisualPromptGenerator`.
         tokenizer: the LLM's tokenizer (optional; needed for :meth:`chat` and the processor).
         config: the plug-in configuration.
+        feature_norm: standardise the VPG features per channel before the projector
+            (:class:`FeatureNorm`, ``pill_feature_norm``); not part of the paper's method, off by default.
 
     ``pill_projector``: ``Linear(d_vpg -> d_llm, bias=False)``, init N(0, 0.02).
     """
 
-    def __init__(self, llm: nn.Module, vpg: VisualPromptGenerator, tokenizer=None, config: Optional[PillConfig] = None):
+    def __init__(self, llm: nn.Module, vpg: VisualPromptGenerator, tokenizer=None, config: Optional[PillConfig] = None,
+                 feature_norm: bool = False):
         super().__init__()
         config = config or PillConfig()
         self.pill_config = config
@@ -51,6 +100,7 @@ class PillVLM(nn.Module):
         device = next(llm.parameters()).device
         self.pill_projector = nn.Linear(vpg.dim, llm.config.hidden_size, bias=False, device=device)
         nn.init.normal_(self.pill_projector.weight, std=0.02)
+        self.pill_feature_norm = FeatureNorm(vpg.dim, device=device) if feature_norm else None
         self.tokenizer = tokenizer
         self.processor = PillProcessor(tokenizer, vpg.num_tokens, vpg.preprocess) if tokenizer is not None else None
         # system message of chat(); None: the chat template's default (load_run sets the run's)
@@ -63,15 +113,18 @@ class PillVLM(nn.Module):
     def from_pretrained(cls, llm: str = "smollm2-135m-instruct", vpg: str = "efficientnet-lite0",
                         vpg_path: Optional[str] = None, config: Optional[PillConfig] = None,
                         pool: Optional[int] = None, dtype: torch.dtype = torch.float32,
-                        device: str = "cpu") -> "PillVLM":
-        """Load an LLM (embedded default, folder or hub id) and a VPG by name, and plug them together."""
+                        device: str = "cpu", vpg_layer: Optional[int] = None,
+                        feature_norm: bool = False) -> "PillVLM":
+        """Load an LLM (embedded default, folder or hub id) and a VPG by name, and plug them together.
+
+        ``vpg_layer``: which VPG layer gives the tokens (:func:`~pill.vpg.load_vpg`)."""
         from .models import load_llm, load_tokenizer
         from .vpg import load_vpg
 
         model = load_llm(llm, dtype=dtype, device=device)
         tok = load_tokenizer(llm)
-        v = load_vpg(vpg, vpg_path, pool=pool).to(device)
-        return cls(model, v, tok, config)
+        v = load_vpg(vpg, vpg_path, pool=pool, layer=vpg_layer).to(device)
+        return cls(model, v, tok, config, feature_norm=feature_norm)
 
     @property
     def decoder(self) -> nn.Module:
@@ -110,14 +163,31 @@ class PillVLM(nn.Module):
     def stage(self) -> Optional[str]:
         return self.llm.pill_handle.state.stage
 
+    def _norm_buffers(self) -> dict[str, torch.Tensor]:
+        if self.pill_feature_norm is None:
+            return {}
+        return {f"pill_feature_norm.{n}": b for n, b in self.pill_feature_norm.named_buffers()}
+
     def pill_state_dict(self, trainable_only: bool = True) -> dict[str, torch.Tensor]:
-        """Plug-in and projector tensors (names contain ``pill_``); only the trainable ones by default."""
-        return {n: p.detach().clone() for n, p in self.named_parameters()
-                if PREFIX in n and (p.requires_grad or not trainable_only)}
+        """Plug-in and projector tensors (names contain ``pill_``); only the trainable ones by default.
+        The feature statistics (``pill_feature_norm``, when used) are always included."""
+        state = {n: p.detach().clone() for n, p in self.named_parameters()
+                 if PREFIX in n and (p.requires_grad or not trainable_only)}
+        state.update({n: b.detach().clone() for n, b in self._norm_buffers().items()})
+        return state
+
+    def fit_feature_norm(self, batches) -> int:
+        """Fit ``pill_feature_norm`` on ``batches`` of VPG features (N, K, d); returns the vector count."""
+        if self.pill_feature_norm is None:
+            raise ValueError("this model was built without feature_norm")
+        return self.pill_feature_norm.fit(batches)
 
     def load_pill_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
         """Copy plug-in tensors in; returns the names loaded. ``strict``: unknown names are an error."""
-        params = dict(self.named_parameters())
+        if strict and self.pill_feature_norm is None and any(n.startswith("pill_feature_norm.") for n in state):
+            raise KeyError("the checkpoint has feature statistics (pill_feature_norm) but this model was built "
+                           "without feature_norm (model.feature_norm: true in the run's config)")
+        params = {**dict(self.named_parameters()), **self._norm_buffers()}
         unknown = [n for n in state if n not in params or PREFIX not in n]
         if unknown and strict:
             raise KeyError(f"{len(unknown)} tensors do not match this model's plug-ins, e.g. {unknown[:3]}")
@@ -190,7 +260,10 @@ class PillVLM(nn.Module):
             raise DataError(f"the batch has {n_slots} image-token slots but {feats.shape[0]} image(s) x "
                             f"{feats.shape[1]} tokens = {feats.shape[0] * feats.shape[1]}")
         proj_dtype = self.pill_projector.weight.dtype
-        visual = self.pill_projector(feats.to(proj_dtype)).to(embeds.dtype)  # (N, K, d)
+        feats = feats.to(proj_dtype)
+        if self.pill_feature_norm is not None:
+            feats = self.pill_feature_norm(feats)
+        visual = self.pill_projector(feats).to(embeds.dtype)  # (N, K, d)
         return embeds.masked_scatter(slots.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,

@@ -18,7 +18,14 @@ class ModelConfig:
     llm: str = "smollm2-135m-instruct"  # embedded default, HF folder or hub id
     vpg: Literal["efficientnet-lite0", "blip2-qformer", "clip"] = "efficientnet-lite0"
     vpg_path: Optional[str] = None  # BLIP-2 / CLIP checkpoint folder or hub id
-    pool: Optional[int] = None  # EfficientNet only: pool the 7x7 grid to pool x pool tokens
+    pool: Optional[int] = None  # EfficientNet only: pool the feature grid to pool x pool tokens
+    # Which VPG layer gives the tokens. EfficientNet: a block index 0-15 (null: the head, 7x7x1280;
+    # 10: 14x14x112); CLIP: a hidden-state index (null: -2, as LLaVA).
+    vpg_layer: Optional[int] = None
+    # Standardise the VPG features per channel (statistics of the training images, fitted when a
+    # run starts without init_from, stored with the trained tensors). Not in the paper; needed for
+    # uncentred features such as EfficientNet block outputs.
+    feature_norm: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the frozen weights
     # Smoke tests: tiny random-init models (llm then names a family: llama | mistral | qwen2).
     random_init: bool = False
@@ -28,8 +35,18 @@ class ModelConfig:
             raise ConfigError(f"llm: with random_init it names a family (llama, mistral, qwen2), got {self.llm!r}")
         if self.vpg in ("blip2-qformer", "clip") and not self.vpg_path:
             raise ConfigError(f"vpg_path: required for vpg {self.vpg!r} (a checkpoint folder or hub id)")
-        if self.pool is not None and (self.vpg != "efficientnet-lite0" or not 1 <= self.pool <= 7):
-            raise ConfigError("pool: only for vpg efficientnet-lite0, between 1 and 7")
+        if self.vpg_layer is not None:
+            if self.vpg == "blip2-qformer":
+                raise ConfigError("vpg_layer: not for vpg blip2-qformer (its tokens are the Q-Former's queries)")
+            if self.vpg == "efficientnet-lite0" and not -16 <= self.vpg_layer <= 15:
+                raise ConfigError(f"vpg_layer: an efficientnet-lite0 block index in 0..15, got {self.vpg_layer}")
+        if self.pool is not None:
+            from ..vpg.efficientnet import feature_grid
+
+            grid = feature_grid(self.vpg_layer) if self.vpg == "efficientnet-lite0" else None
+            if grid is None or not 1 <= self.pool <= grid:
+                raise ConfigError(f"pool: only for vpg efficientnet-lite0, between 1 and its feature grid "
+                                  f"({grid or 7} for vpg_layer {self.vpg_layer})")
 
 
 @dataclass

@@ -86,12 +86,13 @@ def build_vlm(cfg: TrainConfig, device: str = "cpu"):
         from ..vpg.efficientnet import EfficientNetVPG
 
         torch.manual_seed(0)
-        vpg = EfficientNetVPG(pretrained=False, pool=m.pool)
+        vpg = EfficientNetVPG(pretrained=False, pool=m.pool, layer=m.vpg_layer)
         llm = build_llm_from_config(m.llm, seed=0)
         torch.manual_seed(cfg.train.seed)
-        return PillVLM(llm, vpg, load_tokenizer(), cfg.pill).to(device)
+        return PillVLM(llm, vpg, load_tokenizer(), cfg.pill, feature_norm=m.feature_norm).to(device)
     return PillVLM.from_pretrained(m.llm, m.vpg, m.vpg_path, cfg.pill, pool=m.pool,
-                                   dtype=getattr(torch, m.dtype), device=device)
+                                   dtype=getattr(torch, m.dtype), device=device, vpg_layer=m.vpg_layer,
+                                   feature_norm=m.feature_norm)
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:
@@ -146,6 +147,9 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     features, feature_keys = None, {}
     if cfg.train.feature_cache:
         features, feature_keys = prepare_features(cfg, vlm, dataset.samples, accelerator, progress)
+    if vlm.pill_feature_norm is not None and not vlm.pill_feature_norm.fitted:
+        fit_feature_norm(vlm, dataset.samples, features, feature_keys,
+                         progress=progress and accelerator.is_main_process)
     collator = Collator(vlm.processor, load_images=features is None)
 
     steps_per_epoch = len(sampler)
@@ -196,6 +200,45 @@ def prepare_features(cfg: TrainConfig, vlm, samples, accelerator=None, progress:
         if not main:
             cache = FeatureCache(cfg.train.cache_dir, vlm.vpg)
     return cache, {ref: k for ref, (k, _) in refs.items()}
+
+
+FEATURE_NORM_IMAGES = 1000
+
+
+def fit_feature_norm(vlm, samples, features=None, feature_keys=None, *, max_images: int = FEATURE_NORM_IMAGES,
+                     progress: bool = True) -> int:
+    """Fit ``vlm.pill_feature_norm`` on the VPG features of the first ``max_images`` distinct
+    images of ``samples`` (from the feature cache when given). Returns the number of images."""
+    from tqdm.auto import tqdm
+
+    from ..data.images import load_image
+    from .features import content_key
+
+    refs, seen = [], set()
+    for s in samples:
+        for img in s.images:
+            k = img if isinstance(img, str) else content_key(img)
+            if k not in seen and len(refs) < max_images:
+                seen.add(k)
+                refs.append(img)
+    if not refs:
+        raise TrainingError("model.feature_norm: the training samples have no images to fit the feature statistics on")
+    B = 32
+
+    def batches():
+        for i in range(0, len(refs), B):
+            chunk = refs[i:i + B]
+            if features is not None:
+                yield features.get([feature_keys[r] if isinstance(r, str) else content_key(r) for r in chunk])
+            else:
+                yield vlm.encode_images(vlm.vpg.preprocess([load_image(r) for r in chunk]))
+
+    bar = tqdm(batches(), total=-(-len(refs) // B), desc="feature statistics", unit="batch",
+               disable=not progress, leave=False)
+    vectors = vlm.fit_feature_norm(bar)
+    if progress:
+        print(f"feature_norm: per-channel statistics of {len(refs)} training images ({vectors} feature vectors)")
+    return len(refs)
 
 
 def _label_tokens(encoded) -> int:

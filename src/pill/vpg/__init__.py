@@ -10,23 +10,27 @@ VPG_NAMES = ("efficientnet-lite0", "blip2-qformer", "clip")
 
 
 def load_vpg(name: str = "efficientnet-lite0", path: Optional[str] = None, *, pool: Optional[int] = None,
-             pretrained: bool = True, layer: int = -2) -> VisualPromptGenerator:
+             pretrained: bool = True, layer: Optional[int] = None) -> VisualPromptGenerator:
     """Build a frozen VPG by name.
 
     Args:
         name: ``efficientnet-lite0`` (embedded default, 49 x 1280), ``blip2-qformer`` (32 x 768,
             from ``path``: a BLIP-2 checkpoint folder or hub id) or ``clip`` (CLIP/SigLIP patch
             tokens from ``path``).
-        pool: EfficientNet only: average-pool the 7 x 7 grid to pool x pool tokens.
+        pool: EfficientNet only: average-pool the feature grid to pool x pool tokens.
         pretrained: EfficientNet only: False builds random weights (tests).
+        layer: which layer's output becomes the tokens. EfficientNet: a block index (0-15;
+            default: the head); CLIP: a hidden-state index (default -2, as LLaVA).
     """
     if name == "efficientnet-lite0":
         from .efficientnet import EfficientNetVPG
 
-        return EfficientNetVPG(pretrained=pretrained, pool=pool)
+        return EfficientNetVPG(pretrained=pretrained, pool=pool, layer=layer)
     if name == "blip2-qformer":
         from .blip2 import Blip2VPG
 
+        if layer is not None:
+            raise PillError("vpg blip2-qformer has no layer choice (its tokens are the Q-Former's queries)")
         if path is None:
             raise PillError("vpg blip2-qformer needs a path: a BLIP-2 checkpoint folder or hub id (e.g. Salesforce/blip2-opt-2.7b)")
         return Blip2VPG.from_pretrained(path)
@@ -35,7 +39,7 @@ def load_vpg(name: str = "efficientnet-lite0", path: Optional[str] = None, *, po
 
         if path is None:
             raise PillError("vpg clip needs a path: a CLIP or SigLIP checkpoint folder or hub id (e.g. openai/clip-vit-large-patch14-336)")
-        return ClipVPG.from_pretrained(path, layer=layer)
+        return ClipVPG.from_pretrained(path, layer=-2 if layer is None else layer)
     raise PillError(f"unknown vpg {name!r}; choose one of: {', '.join(VPG_NAMES)}")
 
 

