@@ -77,17 +77,15 @@ def _maybe_recompute(state: PillState, fn, *args: Optional[torch.Tensor]) -> tor
     return fn(*args)
 
 
-def _visual(state: PillState, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """(B, T) bool mask of non-text tokens for the current forward, or None."""
+def _modality_ids(state: PillState, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (B, T) modality ids of the current forward (checked against ``x``), or None."""
     m = state.modality_ids
-    if m is None:
-        return None
-    if m.shape != x.shape[:2]:
+    if m is not None and m.shape != x.shape[:2]:
         raise ValueError(
             f"modality_ids has shape {tuple(m.shape)} but the hidden states have (batch, length) "
             f"{tuple(x.shape[:2])}; pass one modality id per input token"
         )
-    return m != TEXT
+    return m
 
 
 class PillAttnInput(nn.Module):
@@ -119,9 +117,8 @@ class PillFFNInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         state = self._state[0]
-        mods = state.modality_ids
+        mods = _modality_ids(state, x)
         if mods is not None:
-            _visual(state, x)  # shape check
             if state.swap_last and self.is_last:
                 # The last layer's FFN output at image positions never reaches the loss:
                 # route text tokens to the image expert so that it still learns.
@@ -154,10 +151,9 @@ class PillValueProj(nn.Module):
         state = self._state[0]
         if not state.gate_enabled:
             return v
-        visual = _visual(state, a)
-        if visual is None:
+        if _modality_ids(state, a) is None:
             return v
-        return self.pill_gate(a, v, visual, rows=state.visual_rows())
+        return self.pill_gate(a, v, rows=state.visual_rows())
 
 
 def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

@@ -163,17 +163,16 @@ class PillVLM(nn.Module):
     def stage(self) -> Optional[str]:
         return self.llm.pill_handle.state.stage
 
-    def _norm_buffers(self) -> dict[str, torch.Tensor]:
-        if self.pill_feature_norm is None:
-            return {}
-        return {f"pill_feature_norm.{n}": b for n, b in self.pill_feature_norm.named_buffers()}
+    def _pill_buffers(self) -> dict[str, torch.Tensor]:
+        """Fitted, not trained, state (names contain ``pill_``: the feature statistics)."""
+        return {n: b for n, b in self.named_buffers() if PREFIX in n}
 
     def pill_state_dict(self, trainable_only: bool = True) -> dict[str, torch.Tensor]:
         """Plug-in and projector tensors (names contain ``pill_``); only the trainable ones by default.
-        The feature statistics (``pill_feature_norm``, when used) are always included."""
+        ``pill_`` buffers (the feature statistics of ``pill_feature_norm``) are always included."""
         state = {n: p.detach().clone() for n, p in self.named_parameters()
                  if PREFIX in n and (p.requires_grad or not trainable_only)}
-        state.update({n: b.detach().clone() for n, b in self._norm_buffers().items()})
+        state.update({n: b.detach().clone() for n, b in self._pill_buffers().items()})
         return state
 
     def fit_feature_norm(self, batches) -> int:
@@ -187,7 +186,7 @@ class PillVLM(nn.Module):
         if strict and self.pill_feature_norm is None and any(n.startswith("pill_feature_norm.") for n in state):
             raise KeyError("the checkpoint has feature statistics (pill_feature_norm) but this model was built "
                            "without feature_norm (model.feature_norm: true in the run's config)")
-        params = {**dict(self.named_parameters()), **self._norm_buffers()}
+        params = {**dict(self.named_parameters()), **self._pill_buffers()}
         unknown = [n for n in state if n not in params or PREFIX not in n]
         if unknown and strict:
             raise KeyError(f"{len(unknown)} tensors do not match this model's plug-ins, e.g. {unknown[:3]}")

@@ -39,10 +39,11 @@ class ModalityAttentionGate(nn.Module):
             return torch.tanh(self.w_gate(a if torch.is_autocast_enabled(a.device.type) else a.to(w.dtype)))
         return torch.tanh(self.gate).expand(*a.shape[:-1], -1)
 
-    def forward(self, a: torch.Tensor, v: torch.Tensor, visual: torch.Tensor,
+    def forward(self, a: torch.Tensor, v: torch.Tensor, visual: Optional[torch.Tensor] = None,
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """a: (B, T, d) attention input; v: (B, T, n_kv * head_dim) values; visual: (B, T) bool -> gated v.
-        ``rows``: the flat indices of ``visual``'s True entries, when the caller has them already.
+        ``rows``: the flat indices of ``visual``'s True entries, given instead of ``visual`` when
+        the caller has them already.
 
         Only the visual rows are touched: the gate map runs on those rows alone, and the backward
         keeps only their values (text rows pass through untouched, with no copy kept)."""

@@ -214,13 +214,11 @@ def fit_feature_norm(vlm, samples, features=None, feature_keys=None, *, max_imag
     from ..data.images import load_image
     from .features import content_key
 
-    refs, seen = [], set()
-    for s in samples:
-        for img in s.images:
-            k = img if isinstance(img, str) else content_key(img)
-            if k not in seen and len(refs) < max_images:
-                seen.add(k)
-                refs.append(img)
+    if features is not None:  # the cache's keys: one per distinct image, in sample order
+        refs = list(dict.fromkeys(feature_keys.values()))[:max_images]
+    else:
+        distinct = {(img if isinstance(img, str) else content_key(img)): img for s in samples for img in s.images}
+        refs = list(distinct.values())[:max_images]
     if not refs:
         raise TrainingError("model.feature_norm: the training samples have no images to fit the feature statistics on")
     B = 32
@@ -229,7 +227,7 @@ def fit_feature_norm(vlm, samples, features=None, feature_keys=None, *, max_imag
         for i in range(0, len(refs), B):
             chunk = refs[i:i + B]
             if features is not None:
-                yield features.get([feature_keys[r] if isinstance(r, str) else content_key(r) for r in chunk])
+                yield features.get(chunk)
             else:
                 yield vlm.encode_images(vlm.vpg.preprocess([load_image(r) for r in chunk]))
 

@@ -168,12 +168,10 @@ class EfficientNetVPG(VisualPromptGenerator):
                 raise PillError(f"efficientnet-lite0 layer: a block index in 0..{len(_BLOCKS) - 1} "
                                 f"(or negative from the end), got {layer}")
             layer %= len(_BLOCKS)
-            self.dim, stride = _BLOCKS[layer]
+            self.dim = _BLOCKS[layer][0]
             self.name = f"efficientnet-lite0-block{layer}"
-        else:
-            stride = 32
         self.layer = layer
-        self.grid = self.image_size // stride
+        self.grid = feature_grid(layer)
         if pool is not None and not 1 <= pool <= self.grid:
             raise PillError(f"efficientnet-lite0 pool: between 1 and the feature grid ({self.grid}), got {pool}")
         self.pool = pool
