@@ -12,7 +12,7 @@ import pytest
 
 from pill.data.llava import load_llava
 from pill.data.scienceqa import load_problems, load_scienceqa, load_split
-from pill.data.synth import COLORS, SHAPES, caption, make_synth, plan_split, render, text_baseline
+from pill.data.synth import COLORS, SHAPES, caption, describe, make_synth, plan_split, render, text_baseline
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -111,6 +111,31 @@ def test_answers_follow_from_the_scene():
                 q.split()[-1].rstrip("?")]
             best = sorted(shapes, key=lambda s: -sign * s[key])
             assert best[0]["shape"] == answer and abs(best[0][key] - best[1][key]) >= 28
+
+
+def test_solutions_describe_the_scene_then_answer():
+    finals = {"color": "The {shape} is {answer}.", "shape": "The {color} shape is the {answer}."}
+    for p in plan_split(300, 5, "train"):
+        shapes = sorted(p["scene"]["shapes"], key=lambda s: s["x"])
+        head = describe(p["scene"])
+        assert p["solution"].startswith(head + " ")
+        # every shape once, left to right, with its colour; the background is left to the caption
+        named = [(w[i - 1], w[i].rstrip(",.")) for w in [head.lower().split()] for i in range(1, len(w))
+                 if w[i].rstrip(",.") in SHAPES]
+        assert named == [(s["color"], s["shape"]) for s in shapes]
+        assert "background" not in head and caption(p["scene"]).startswith(head[:-1] + ", on ")
+        tail, answer, q = p["solution"][len(head) + 1:], p["choices"][p["answer"]], p["question"]
+        if p["category"] == "color":
+            assert tail == finals["color"].format(shape=q.split()[-1].rstrip("?"), answer=answer)
+        elif p["category"] == "shape":
+            assert tail == finals["shape"].format(color=q.split()[-1].rstrip("?"), answer=answer)
+        elif p["category"] == "position":
+            assert tail.startswith(f"The {answer} is ")
+        elif p["category"] == "count":
+            n = int(answer)
+            assert tail == ("There is one shape." if n == 1 else f"There are {['two', 'three', 'four'][n - 2]} shapes.")
+        else:
+            assert tail.startswith("There is a " if answer == "yes" else "There is no ")
 
 
 def test_text_alone_is_at_chance():

@@ -4,6 +4,25 @@ import json
 import pytest
 
 
+def test_benchmark_is_reused_only_when_it_matches(tmp_path, capsys):
+    from pill.data.synth import GENERATOR_VERSION
+    from pill.demo import DemoSettings, _synth
+
+    st = DemoSettings(out=str(tmp_path), n_train=6, n_test=3, seed=2)
+    _synth(tmp_path / "data", st)
+    info_file = tmp_path / "data" / "synth_info.json"
+    assert "writing 6 training" in capsys.readouterr().out
+    _synth(tmp_path / "data", st)
+    assert "reusing" in capsys.readouterr().out
+    info = json.loads(info_file.read_text())
+    info_file.write_text(json.dumps({**info, "version": GENERATOR_VERSION - 1}))  # an older generator's files
+    _synth(tmp_path / "data", st)
+    assert "writing 6 training" in capsys.readouterr().out
+    assert json.loads(info_file.read_text())["version"] == GENERATOR_VERSION
+    _synth(tmp_path / "data", DemoSettings(out=str(tmp_path), n_train=6, n_test=3, seed=3))
+    assert "writing 6 training" in capsys.readouterr().out
+
+
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_quick_demo_writes_report_and_plots(tmp_path):

@@ -16,7 +16,10 @@ count     How many shapes are there?                   2-4 of 1..4
 
 Text alone cannot answer: the asked-for value is drawn uniformly, the distractors
 symmetrically, and the answer's position is balanced, so for any question and option
-list every option is equally likely (``text_baseline`` measures it). It writes the
+list every option is equally likely (``text_baseline`` measures it). Each explanation
+(``solution``) first describes the picture, then states the fact asked for ("A red star on the
+left and a blue circle at the top right. The star is red."): trained on the EA formats, a model
+reads the image out before it answers. It writes the
 ScienceQA layout (``problems.json``, ``pid_splits.json``, ``captions.json``,
 ``images/<split>/<qid>/image.png``) and ``captions_llava.json`` (CC595K form, the train
 images) for stage-1 alignment. The same arguments give the same bytes.
@@ -32,7 +35,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: each solution first describes the scene
+_SCENE_STREAM = 1  # in the random streams' names: the scenes and questions are those of version 1
 IMAGE_SIZE = 224
 COLORS = {  # far apart in RGB: the smallest pairwise distance is above 140
     "red": (220, 30, 30),
@@ -215,13 +219,27 @@ def _problem(rng: random.Random, balancer: _Balancer, category: str, size: int) 
     else:
         raise ValueError(f"unknown question category {category!r}; valid: {', '.join(_INFO)}")
     task, grade, topic, skill = _INFO[category]
+    # The explanation first says what the picture shows, then the fact the question needs: a
+    # chain of thought grounded in the image ("A red star on the left and a blue circle at the
+    # top right. The star is red."), which a model answering in the EA formats learns to produce.
+    solution = f"{describe(scene)} {solution}"
     return {"question": question, "choices": choices, "answer": index, "hint": "", "image": "image.png",
             "task": task, "grade": grade, "subject": "natural science", "topic": topic, "category": category,
             "skill": skill, "lecture": "", "solution": solution, "scene": scene}
 
 
+def describe(scene: dict) -> str:
+    """The shapes of a scene, left to right, with their colours and places, as one sentence."""
+    return _listing(scene) + "."
+
+
 def caption(scene: dict) -> str:
     """A one-sentence description of a scene's shapes, left to right, and its background."""
+    bg = {"plain": "a plain", "gradient": "a shaded", "speckled": "a speckled", "blotchy": "a blotchy"}
+    return f"{_listing(scene)}, on {bg[scene['background']['kind']]} light background."
+
+
+def _listing(scene: dict) -> str:
     size = scene["size"]
 
     def where(s: dict) -> str:
@@ -233,8 +251,7 @@ def caption(scene: dict) -> str:
 
     parts = [f"a {s['color']} {s['shape']} {where(s)}" for s in sorted(scene["shapes"], key=lambda s: s["x"])]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    bg = {"plain": "a plain", "gradient": "a shaded", "speckled": "a speckled", "blotchy": "a blotchy"}
-    return f"{listing[0].upper()}{listing[1:]}, on {bg[scene['background']['kind']]} light background."
+    return f"{listing[0].upper()}{listing[1:]}"
 
 
 def plan_split(n: int, seed: int, split: str, *, mix: Optional[dict] = None, size: int = IMAGE_SIZE) -> list[dict]:
@@ -247,7 +264,7 @@ def plan_split(n: int, seed: int, split: str, *, mix: Optional[dict] = None, siz
     unknown = set(mix) - set(_INFO)
     if unknown:
         raise ValueError(f"unknown question categories {sorted(unknown)}; valid: {', '.join(_INFO)}")
-    rng = random.Random(f"pill-synth:{GENERATOR_VERSION}:{seed}:{split}")
+    rng = random.Random(f"pill-synth:{_SCENE_STREAM}:{seed}:{split}")
     balancer = _Balancer(random.Random(f"pill-synth-positions:{seed}:{split}"))
     # exact category counts (largest remainder), then a shuffled order
     total = sum(mix.values())
