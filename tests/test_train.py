@@ -192,6 +192,27 @@ def test_feature_cache_invalidation(tmp_path, synth_root):
     assert torch.allclose(FeatureCache(tmp_path / "c", vpg).get([k1]), direct, atol=1e-6)
 
 
+def test_runs_sharing_a_feature_cache_keep_each_others_entries(tmp_path):
+    from PIL import Image
+
+    from pill.train.features import FeatureCache, content_key
+    from pill.vpg.efficientnet import EfficientNetVPG
+
+    torch.manual_seed(0)
+    vpg = EfficientNetVPG(pretrained=False, pool=1)
+    paths = []
+    for i, color in enumerate([(255, 0, 0), (0, 0, 255)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (32, 32), color).save(paths[-1])
+    k1, k2 = content_key(paths[0]), content_key(paths[1])
+    a, b = FeatureCache(tmp_path / "c", vpg), FeatureCache(tmp_path / "c", vpg)  # two runs open the cache
+    assert a.build({k1: paths[0]}, progress=False) == 1
+    assert b.build({k2: paths[1]}, progress=False) == 1  # b's index write keeps a's entry
+    assert k1 in FeatureCache(tmp_path / "c", vpg) and k2 in FeatureCache(tmp_path / "c", vpg)
+    assert a.build({k2: paths[1]}, progress=False) == 0  # a finds b's entry instead of recomputing it
+    assert torch.equal(a.get([k2]), b.get([k2])) and torch.equal(b.get([k1]), a.get([k1]))
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, synth_root, feature_dir):
     from pill.train.loop import TrainingError, fit, setup
 

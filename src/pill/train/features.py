@@ -2,10 +2,13 @@
 
 Entries are keyed by the SHA-256 of the image's encoded bytes and stored in safetensors
 shards under a folder named by the VPG's fingerprint, so a changed image file or a
-different VPG never hits a stale entry. Writes are atomic (temporary file, then rename).
+different VPG never hits a stale entry. Writes are atomic (temporary file, then rename), and
+runs sharing a cache merge their index entries under a file lock instead of overwriting each
+other's.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,11 +67,32 @@ class FeatureCache:
         except json.JSONDecodeError:
             return {}  # a damaged index only costs a recomputation
 
+    @contextlib.contextmanager
+    def _locked(self):
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): concurrent runs may recompute, never corrupt
+            yield
+            return
+        with open(self.dir / ".index.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def _write_index(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".index.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._index, f)
-        os.replace(tmp, self.dir / INDEX)
+        """Merge this cache's entries into the index on disk (another run may have added its own)."""
+        with self._locked():
+            self._index = {**self._read_index(), **self._index}
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".index.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._index, f)
+            os.replace(tmp, self.dir / INDEX)
+
+    def refresh(self) -> None:
+        """Pick up entries another run has written since this cache was opened."""
+        self._index = {**self._read_index(), **self._index}
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -84,6 +108,9 @@ class FeatureCache:
               progress: bool = True, device: Optional[torch.device] = None) -> int:
         """Compute features for the images (key -> path or bytes) not yet cached. Returns how many."""
         todo = [k for k in self.missing(images)]
+        if todo:
+            self.refresh()
+            todo = [k for k in self.missing(images)]
         if not todo:
             return 0
         device = device or next(self.vpg.parameters()).device
@@ -113,6 +140,9 @@ class FeatureCache:
         out = []
         for k in keys:
             shard = self._index.get(k)
+            if shard is None:
+                self.refresh()
+                shard = self._index.get(k)
             if shard is None:
                 raise KeyError(f"image {k[:12]}… has no cached features; run `pill features` or enable the cache")
             h = self._handles.get(shard)
