@@ -84,7 +84,7 @@ class FeatureCache:
     def _write_index(self) -> None:
         """Merge this cache's entries into the index on disk (another run may have added its own)."""
         with self._locked():
-            self._index = {**self._read_index(), **self._index}
+            self.refresh()
             fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".index.", suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 json.dump(self._index, f)
@@ -107,10 +107,9 @@ class FeatureCache:
     def build(self, images: dict[str, ImageRef], batch_size: int = 32, shard_size: int = 1024,
               progress: bool = True, device: Optional[torch.device] = None) -> int:
         """Compute features for the images (key -> path or bytes) not yet cached. Returns how many."""
-        todo = [k for k in self.missing(images)]
-        if todo:
-            self.refresh()
-            todo = [k for k in self.missing(images)]
+        if self.missing(images):
+            self.refresh()  # another run may have computed them meanwhile
+        todo = self.missing(images)
         if not todo:
             return 0
         device = device or next(self.vpg.parameters()).device
