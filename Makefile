@@ -23,6 +23,9 @@ demo: $(STAMP)
 	$(VENV)/bin/pill demo
 
 test: $(STAMP)
+	# The web demo's browser test needs Debian's chromium + chromedriver: installed here where this
+	# user can (root); elsewhere the test is skipped with a line that says how to enable it.
+	bash .ci/install-browser --if-possible
 	$(PY) -m pytest -q
 
 serve: $(STAMP)

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `auto` precision depends on the CPU (bf16 where it is native): the suite takes the same float32 path
+# on every machine, and the tests that cover bf16 force it (pill.precision). Subprocesses inherit this.
+os.environ.setdefault("PILL_PRECISION", "float32")
 # The test models are tiny: one thread avoids threads spinning against each other (and against
 # other processes), which made tiny-model tests up to 100x slower.
 torch.set_num_threads(1)

@@ -62,9 +62,12 @@ def format_parameter_table(result: dict) -> str:
 def _params(args) -> int:
     from .cli import print_json
 
+    from .config import _coerce
+
     raw = _load_yaml(args.config) if args.config else {}
     cfg = PillConfig.from_dict(raw.get("pill", {}))
-    layer = (raw.get("model") or {}).get("vpg_layer") if args.vpg == "efficientnet-lite0" else None
+    layer = _coerce((raw.get("model") or {}).get("vpg_layer"), Optional[int], "model.vpg_layer") \
+        if args.vpg == "efficientnet-lite0" else None
     result = count_parameters(args.llm, args.vpg, args.stage, cfg, vpg_layer=layer)
     if args.json:
         print_json(result)
@@ -74,10 +77,13 @@ def _params(args) -> int:
 
 
 def _load_yaml(path: str) -> dict:
-    import yaml
+    from .config import load_yaml
 
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            return load_yaml(f.read()) or {}
+    except OSError as e:
+        raise PillError(f"{path}: cannot read config ({e.strerror or e})") from None
 
 
 def _demo(args) -> int:
@@ -104,7 +110,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-mode", choices=["likelihood", "generate"])
-    p.add_argument("--precision", choices=["auto", "no", "bf16"], help="training precision (default auto)")
+    p.add_argument("--precision", choices=["auto", "bf16", "float32", "no"],
+                   help="training precision (default auto: bf16 where the CPU has it natively, else float32; "
+                        "PILL_PRECISION=float32|bf16 decides auto)")
     p.add_argument("--pool", type=int, help="pool the EfficientNet block-10 grid (14 x 14) to N x N visual tokens (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)

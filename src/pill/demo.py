@@ -11,34 +11,41 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
-
-import yaml
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"
 
 
+# What the demo trains on, per training precision. A float32 step costs about twice a bf16 step
+# on CPUs with native bf16 (all of it in the frozen LLM's matrix products), so in float32 the demo
+# runs about half the steps on half the training problems to stay within 15 minutes on 2 cores.
+PRESETS = {
+    "bf16": {"n_train": 2000, "align_steps": 220, "finetune_steps": 160},
+    "float32": {"n_train": 1000, "align_steps": 80, "finetune_steps": 110},
+}
+
+
 @dataclass
 class DemoSettings:
+    """``n_train``, ``align_steps`` and ``finetune_steps`` left at None come from :data:`PRESETS`
+    for the precision the run trains in."""
+
     out: str = "runs/demo"
-    n_train: int = 2000
+    n_train: Optional[int] = None
     n_test: int = 200
     seed: int = 0
-    align_steps: int = 220
-    finetune_steps: int = 160
+    align_steps: Optional[int] = None
+    finetune_steps: Optional[int] = None
     batch_size: int = 8
     eval_batch_size: int = 50  # 4 batches for the 200 test problems, 25 % faster than 16 per batch
     eval_mode: str = "generate"
     max_new_tokens: int = 56  # the description, the fact and "The answer is A.": 44 tokens at most
     pool: Optional[int] = 4
-    precision: str = "auto"  # auto: bf16 autocast where the CPU has native bf16 (about 1.4x faster), else float32
+    # auto: bf16 autocast where the CPU has native bf16 (about 1.4x faster), else float32 (pill.precision)
+    precision: str = "auto"
     quick: bool = False
-
-
-def _demo_config(name: str) -> dict:
-    return yaml.safe_load((CONFIGS / name).read_text())
 
 
 def _synth(root: Path, st: DemoSettings) -> Path:
@@ -56,20 +63,6 @@ def _synth(root: Path, st: DemoSettings) -> Path:
     return root
 
 
-def _precision(st: DemoSettings) -> str:
-    if st.precision != "auto":
-        return st.precision
-    import torch
-
-    if torch.cuda.is_available():
-        return "auto"
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "no"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
-
-
 def _per_category(result: dict, problems: dict) -> dict[str, float]:
     right: dict[str, list[int]] = {}
     for qid, pred in result["predictions"].items():
@@ -85,26 +78,41 @@ def run_demo(st: DemoSettings) -> dict:
     from .data.scienceqa import load_problems
     from .eval.evaluate import evaluate_scienceqa
     from .eval.plots import plot_gates, plot_training, read_metrics
-    from .train.config import TrainConfig, apply_overrides
-    from .train.loop import train
-    from .vlm import PillVLM
+    from .precision import resolve_precision
+    from .train.config import TrainConfig, load_config
+    from .train.loop import build_vlm, train
 
     t0 = time.time()
+    precision = resolve_precision(st.precision)
+    preset = PRESETS["float32" if precision.name == "float32" else "bf16"]
+    st = replace(st, **{k: v for k, v in preset.items() if getattr(st, k) is None})
+    print(f"precision: {precision.describe()}; {st.n_train} training problems, "
+          f"{st.align_steps} align + {st.finetune_steps} fine-tune steps")
     out = Path(st.out)
     out.mkdir(parents=True, exist_ok=True)
     data = _synth(out / "data", st)
     problems = load_problems(data)
     timings: dict[str, float] = {}
 
+    def stage_config(stage: str) -> TrainConfig:
+        name = "stage1_synth.yaml" if stage == "align" else "stage2_synth.yaml"
+        steps = st.align_steps if stage == "align" else st.finetune_steps
+        overrides = [f"train.seed={st.seed}", f"optim.max_steps={steps}", f"optim.batch_size={st.batch_size}",
+                     f"optim.micro_batch_size={st.batch_size}", f"train.mixed_precision={precision.mixed_precision}",
+                     f"model.pool={'null' if st.pool is None else st.pool}"]
+        if stage == "align":
+            overrides += [f"data.json={data / 'captions_llava.json'}", f"data.image_folder={data / 'images'}"]
+        else:
+            overrides += [f"data.root={data}", f"init_from={out / 'align'}"]
+        return load_config(CONFIGS / name, overrides)
+
     torch.manual_seed(st.seed)
     t = time.time()
-    cfg2 = _demo_config("stage2_synth.yaml")
-    m = cfg2["model"]
-    vlm = PillVLM.from_pretrained(m["llm"], m["vpg"], pool=st.pool, vpg_layer=m.get("vpg_layer"),
-                                  feature_norm=m.get("feature_norm", False))
+    cfg2 = stage_config("finetune")
+    vlm = build_vlm(cfg2)
     timings["load_models"] = time.time() - t
-    fmt = cfg2["data"]["prompt_format"]
-    vlm.system_prompt = cfg2["data"].get("system_prompt")  # as in training
+    fmt = cfg2.data.prompt_format
+    vlm.system_prompt = cfg2.data.system_prompt  # as in training
 
     def evaluate(tag: str) -> dict:
         t = time.time()
@@ -118,30 +126,19 @@ def run_demo(st: DemoSettings) -> dict:
     before = evaluate("before")
 
     runs = {}
-    for stage, name, steps in (("align", "stage1_synth.yaml", st.align_steps),
-                               ("finetune", "stage2_synth.yaml", st.finetune_steps)):
-        print(f"\n== {2 if stage == 'align' else 3}/4 stage {stage}: {steps} steps")
-        raw = _demo_config(name)
-        raw["model"]["pool"] = st.pool
-        apply_overrides(raw, [f"train.seed={st.seed}", f"optim.max_steps={steps}",
-                              f"optim.batch_size={st.batch_size}", f"optim.micro_batch_size={st.batch_size}",
-                              f"train.mixed_precision={_precision(st)}"])
-        if stage == "align":
-            raw["data"]["json"] = str(data / "captions_llava.json")
-            raw["data"]["image_folder"] = str(data / "images")
-        else:
-            raw["data"]["root"] = str(data)
-            if raw["data"].get("mix_llava_json"):  # the demo config mixes the captions in
-                raw["data"]["mix_llava_json"] = str(data / "captions_llava.json")
-                raw["data"]["mix_image_folder"] = str(data / "images")
-            raw["init_from"] = str(runs["align"])
+    for n, stage in enumerate(("align", "finetune"), start=2):
+        cfg = stage_config(stage)
+        print(f"\n== {n}/4 stage {stage}: {cfg.optim.max_steps} steps")
+        if cfg.data.mix_llava_json:  # a demo config that mixes the captions in
+            cfg.data.mix_llava_json = str(data / "captions_llava.json")
+            cfg.data.mix_image_folder = str(data / "images")
         run_dir = out / stage
         if (run_dir / "pill.safetensors").exists() or (run_dir / "checkpoints").exists():
             import shutil
 
             shutil.rmtree(run_dir)
         t = time.time()
-        train(TrainConfig.from_dict(raw, where=name), run_dir, vlm=vlm)
+        train(cfg, run_dir, vlm=vlm)
         timings[f"train_{stage}"] = time.time() - t
         runs[stage] = run_dir
 
@@ -171,7 +168,8 @@ def run_demo(st: DemoSettings) -> dict:
         "chance": _chance(problems, before["predictions"]),
         "test_problems": after["count"], "eval_mode": st.eval_mode,
         "wall_seconds": time.time() - t0, "timings_seconds": timings,
-        "settings": st.__dict__, "trainable_parameters": vlm.num_trainable(),
+        "settings": st.__dict__, "precision": {"name": precision.name, "reason": precision.reason},
+        "trainable_parameters": vlm.num_trainable(),
         "runs": {k: str(v) for k, v in runs.items()},
         "files": {"gates_plot": str(out / "gates.png"), "loss_plot": str(out / "loss.png"),
                   "eval_before": str(out / "eval-before"), "eval_after": str(out / "eval-after")},

@@ -6,10 +6,11 @@ import os
 
 
 def _train(args) -> int:
-    from .config import load_config
+    from .config import check_inputs, load_config
     from .loop import train
 
     cfg = load_config(args.config, args.set)
+    check_inputs(cfg, args.config)
     summary = train(cfg, args.output, resume=args.resume, max_steps=args.max_steps)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
@@ -18,10 +19,11 @@ def _train(args) -> int:
 
 
 def _features(args) -> int:
-    from .config import load_config
+    from .config import check_inputs, load_config
     from .loop import build_vlm, load_dataset_samples, prepare_features
 
     cfg = load_config(args.config, args.set)
+    check_inputs(cfg, args.config)
     vlm = build_vlm(cfg)
     cache, keys = prepare_features(cfg, vlm, load_dataset_samples(cfg))
     print(f"{len(keys)} images, {len(cache)} cached feature entries in {cache.dir}")

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ..config import PillConfig, from_dict, to_dict
+from ..config import PillConfig, from_dict, load_yaml, parse_override, to_dict
 from ..errors import ConfigError
 
 
@@ -133,7 +133,9 @@ class RunConfig:
     """Engine settings: precision, checkpoints, logging, caches."""
 
     seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, float32 on CPU
+    # auto: bf16 where the hardware has it natively (a bf16 GPU, a CPU with avx512_bf16/amx_bf16),
+    # else float32; PILL_PRECISION=float32|bf16 decides auto from outside (pill.precision)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False  # recompute whole LLM layers in backward (least memory)
     # recompute norm + plug-ins in backward instead of keeping their activations: the plugged
     # model's activation memory stays within a few per cent of the frozen model's (BENCHMARKS.md)
@@ -171,12 +173,10 @@ class TrainConfig:
         return from_dict(cls, data, where)
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
-
-
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict."""
+    """Apply ``key.sub=value`` overrides to a nested dict. Values keep their text
+    (:func:`pill.config.parse_override`) until validation reads them as the type of their
+    field: ``train.mixed_precision=no`` is the string ``no``, ``optim.lr=1e-3`` a number."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=1e-3")
@@ -184,10 +184,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        try:
+            node[parts[-1]] = parse_override(value)
+        except ConfigError as e:
+            raise ConfigError(f"--set {key}: {e}") from None
     return data
 
 
@@ -200,7 +205,7 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Trai
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -214,3 +219,41 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Trai
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_needs(path: str | Path) -> Optional[str]:
+    """What a config file says it needs: its ``# Needs: ...`` comment line, or None."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        if line.lower().startswith("# needs:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def missing_inputs(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """``(field, path)`` of every data path and ``init_from`` run of ``cfg`` that does not exist."""
+    d = cfg.data
+    paths = [("data.root", d.root)] if d.format == "scienceqa" else [("data.json", d.json),
+                                                                    ("data.image_folder", d.image_folder)]
+    paths += [("data.mix_llava_json", d.mix_llava_json), ("data.mix_image_folder", d.mix_image_folder),
+              ("init_from", cfg.init_from)]
+    return [(k, v) for k, v in paths if v and not Path(v).exists()]
+
+
+def check_inputs(cfg: TrainConfig, source: str | Path | None = None) -> None:
+    """Raise ConfigError, before any model is loaded, when a data path or ``init_from`` is missing.
+    ``source``: the config file, whose ``# Needs:`` line is quoted in the message."""
+    missing = missing_inputs(cfg)
+    if not missing:
+        return
+    where = f"{source}: " if source else ""
+    listed = "; ".join(f"{k} {v} does not exist" for k, v in missing)
+    needs = config_needs(source) if source else None
+    hint = f". This config needs: {needs}" if needs else ""
+    raise ConfigError(f"{where}{listed}{hint}")
+

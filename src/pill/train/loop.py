@@ -22,9 +22,10 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, PillError
+from ..precision import Precision, resolve_precision
 from .checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, load_weights, rng_state,
                          save_resume_state, save_weights, set_rng_state)
-from .config import TrainConfig, save_config
+from .config import TrainConfig, check_inputs, save_config
 
 
 class TrainingError(PillError):
@@ -54,6 +55,7 @@ class Setup:
     steps_per_epoch: int = 0
     total_steps: int = 0
     fingerprints: dict = field(default_factory=dict)
+    precision: Optional[Precision] = None
 
 
 def load_dataset_samples(cfg: TrainConfig, progress: bool = True):
@@ -95,13 +97,6 @@ def build_vlm(cfg: TrainConfig, device: str = "cpu"):
                                    feature_norm=m.feature_norm)
 
 
-def _mixed_precision(cfg: TrainConfig) -> str:
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return mp
-
-
 def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = True) -> Setup:
     """Build everything a run needs. ``vlm``: a ready model (tests pass tiny ones)."""
     from accelerate import Accelerator
@@ -118,7 +113,8 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
 
         AcceleratorState._reset_state()
     # cpu=True on machines without CUDA makes accelerate use gloo when launched with several processes.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available(),
+    precision = resolve_precision(cfg.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     run_dir = Path(run_dir)
     seed_everything(cfg.train.seed)
@@ -168,7 +164,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     scheduler = _cosine(optimizer, int(o.warmup_ratio * total), total, o.min_lr_ratio)
     model, optimizer = accelerator.prepare(vlm, optimizer)
     return Setup(cfg, run_dir, accelerator, vlm, model, dataset, sampler, collator, optimizer, scheduler,
-                 features, feature_keys, steps_per_epoch, total, fingerprints)
+                 features, feature_keys, steps_per_epoch, total, fingerprints, precision)
 
 
 def _cosine(optimizer, warmup: int, total: int, min_ratio: float):
@@ -279,6 +275,8 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
     if main:
         print(f"{cfg.stage}: {total} optimizer steps, global batch {cfg.optim.batch_size}, world size {W}, "
               f"{s.vlm.num_trainable():,} trainable parameters -> {run_dir}", flush=True)
+        if s.precision is not None:
+            print(f"precision: {s.precision.describe()}", flush=True)
     bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", unit="step", disable=not (progress and main))
     s.model.train()
     t_start, tokens_seen = time.time(), 0
@@ -401,5 +399,6 @@ def train(cfg: TrainConfig, output_dir: str | Path | None = None, *, resume: boo
     if not resume and list_checkpoints(run_dir):
         raise TrainingError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
                             "or choose another --output")
+    check_inputs(cfg)  # before any model is loaded
     s = setup(cfg, run_dir, vlm=vlm, progress=progress)
     return fit(s, resume=resume, max_steps=max_steps, progress=progress)
