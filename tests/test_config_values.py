@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pill.errors import ConfigError
-from pill.train.config import TrainConfig, apply_overrides, check_inputs, load_config
+from pill.runconfig import TrainConfig, apply_overrides, check_inputs, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAPS = ["no", "yes", "on", "off", "y", "n", "~", "null", "0x10", "1e-3", "2.0e-3", "010", '"quoted"']
@@ -23,7 +23,8 @@ def from_overrides(*items: str) -> TrainConfig:
 
 def from_yaml(tmp_path, section: str, key: str, text: str) -> TrainConfig:
     path = tmp_path / "c.yaml"
-    path.write_text(f"data:\n  root: .\n{section}:\n  {key}: {text}\n")
+    body = f"  {key}: {text}\n"
+    path.write_text(f"data:\n  root: .\n{body}" if section == "data" else f"data:\n  root: .\n{section}:\n{body}")
     return load_config(path)
 
 

@@ -12,7 +12,7 @@ import torch
 from pill.data import Sample
 from pill.data.collate import (
     IGNORE_INDEX, Collator, LengthGroupedBatchSampler, PillDataset, SampleTooLong, chat_segments, encode_prompt,
-    encode_sample, prompt_items, shard_batches,
+    encode_sample, prompt_items,
 )
 from pill.data.prompts import render_chat
 from pill.data.scienceqa import load_scienceqa
@@ -185,7 +185,7 @@ def test_tokenised_once_and_reused(proc, monkeypatch):
         ds.set_epoch(epoch)
         items = [ds[i] for i in range(len(ds))]
     assert calls == [] and [it["id"] for it in items] == ["103", "104", "105"]
-    assert items[1]["images"] == [] and len(items[0]["images"]) == 1
+    assert items[1]["inputs"] == {} and len(items[0]["inputs"]["image"]) == 1
 
 
 def test_wrong_answer_redrawn_per_epoch(tok, proc):
@@ -229,16 +229,6 @@ def test_length_grouped_batches():
     assert [lengths[i] for b in ordered for i in b] == sorted(lengths, reverse=True)
     dropped = LengthGroupedBatchSampler(lengths[:20], 8, drop_last=True, group_batches=1).batches()
     assert all(len(b) == 8 for b in dropped) and len(dropped) == 2
-
-
-def test_shards_are_slices_of_the_global_order():
-    batches = LengthGroupedBatchSampler(list(range(100)), 4, seed=0).batches()  # 25 batches
-    shards = [shard_batches(batches, r, 3) for r in range(3)]
-    assert [len(s) for s in shards] == [8, 8, 8]
-    assert sorted(map(tuple, sum(shards, []))) == sorted(map(tuple, batches[:24]))
-    assert shard_batches(batches, 0, 1) == batches
-    with pytest.raises(ValueError):
-        shard_batches(batches, 3, 3)
 
 
 def test_collator_batch(proc):

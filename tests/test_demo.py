@@ -46,7 +46,7 @@ def test_quick_demo_writes_report_and_plots(tmp_path):
 
     w = load_file(str(out / "finetune" / "pill.safetensors"))
     # block-10 features, standardised with the statistics of the 16 training images (16 tokens each)
-    assert w["pill_projector.weight"].shape == (576, 112) and int(w["pill_feature_norm.count"]) == 16 * 16
+    assert w["pill_projector.image.weight"].shape == (576, 112) and int(w["pill_feature_norm.image.count"]) == 16 * 16
     assert (out / "eval-after" / "predictions.json").is_file()
     gates = json.loads((out / "finetune" / "gates.json").read_text())
     assert len(gates["mean_abs_gate"]) == 30

@@ -182,13 +182,13 @@ def _parser():
 
 
 def test_eval_cli_uses_the_run_prompt_format_and_default_out_dir(vlm, sqa, tmp_path, monkeypatch, capsys):
-    from pill import inference
-    from pill.train.config import DataConfig, TrainConfig, save_config
+    from pill import build
+    from pill.runconfig import DataConfig, TrainConfig, save_config
 
     run = tmp_path / "run"
     run.mkdir()
     save_config(TrainConfig(data=DataConfig(root=str(sqa), prompt_format="QCM-AE")), run / "config.yaml")
-    monkeypatch.setattr(inference, "load_run", lambda run_dir, device="cpu": vlm)
+    monkeypatch.setattr(build, "load_run", lambda run_dir, device="cpu": vlm)
     args = _parser().parse_args(["eval", "scienceqa", "--run", str(run), "--limit", "3", "--batch-size", "2",
                                  "--mode", "likelihood", "--device", "cpu"])
     assert args.func(args) == 0
@@ -211,8 +211,8 @@ def test_eval_cli_names_a_folder_that_is_not_a_run(tmp_path, sqa):
 def test_eval_cli_on_a_saved_embedded_run(sqa, tmp_path, capsys):
     """The real path: load_run rebuilds the embedded model from a run directory and evaluates it."""
     from pill.models import fingerprint_llm
-    from pill.train.checkpoint import save_weights
-    from pill.train.config import DataConfig, ModelConfig, TrainConfig, save_config
+    from pill.checkpoint import save_weights
+    from pill.runconfig import DataConfig, ModelConfig, TrainConfig, save_config
     from pill.vlm import PillVLM
 
     cfg = TrainConfig(model=ModelConfig(pool=2), data=DataConfig(root=str(sqa), prompt_format="QCM-A"))

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pill.errors import CheckpointError, ConfigError
-from pill.train.config import TrainConfig, apply_overrides, load_config
+from pill.runconfig import TrainConfig, apply_overrides, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses run tiny models: one thread each (two spin against each other on 2 cores).
@@ -44,8 +44,12 @@ def tiny_config(synth_root, feature_dir, **changes) -> dict:
         "optim": {"lr": 3.0e-3, "epochs": 1, "batch_size": 8, "micro_batch_size": 4, "warmup_ratio": 0.1},
         "train": {"save_every": 2, "keep_last": 2, "cache_dir": str(feature_dir), "log_every": 1},
     }
-    for key, value in changes.items():
-        apply_overrides(cfg, [f"{key}={json.dumps(value)}"])
+    for key, value in changes.items():  # native values: the dict is also written out as YAML
+        *sections, last = key.split(".")
+        node = cfg
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[last] = value
     return cfg
 
 
@@ -72,7 +76,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def test_two_stages_end_to_end(tmp_path, synth_root, feature_dir):
-    from pill.inference import load_run
+    from pill.build import load_run
     from pill.train.loop import train
 
     align = tiny_config(synth_root, feature_dir, stage="align")
@@ -84,7 +88,7 @@ def test_two_stages_end_to_end(tmp_path, synth_root, feature_dir):
     assert files == ["checkpoints", "config.yaml", "metrics.jsonl", "pill.safetensors"]
     w1 = weights(tmp_path / "align")
     # stage 1 trains the projector and the image experts only
-    assert all(k == "pill_projector.weight" or ".experts.1." in k for k in w1)
+    assert all(k == "pill_projector.image.weight" or ".experts.1." in k for k in w1)
     d, L, r = 64, 2, 32
     assert sum(v.numel() for v in w1.values()) == s1["trainable"] == 1280 * d + L * 3 * d * r
     metrics = [json.loads(l) for l in (tmp_path / "align" / "metrics.jsonl").read_text().splitlines()]
@@ -306,7 +310,7 @@ def test_mixed_llava_data_and_gate_learning_rate(tmp_path, synth_root, feature_d
 def test_system_prompt_travels_from_training_to_eval_and_chat(tmp_path, synth_root, feature_dir, monkeypatch):
     from pill.eval.evaluate import evaluate_scienceqa
     from pill.eval.run_commands import ChatSession
-    from pill.inference import load_run
+    from pill.build import load_run
     from pill.train.loop import load_dataset_samples, train
 
     cfg = TrainConfig.from_dict(tiny_config(synth_root, feature_dir, **{"data.system_prompt": "Look closely."}))
@@ -335,15 +339,15 @@ def test_system_prompt_travels_from_training_to_eval_and_chat(tmp_path, synth_ro
 @pytest.mark.parametrize("feature_cache", [True, False])
 def test_feature_norm_is_fitted_on_training_images_and_kept_by_the_next_stage(tmp_path, synth_root, feature_dir,
                                                                               feature_cache):
-    from pill.inference import load_run
+    from pill.build import load_run
     from pill.train.loop import train
 
     model = {"model.vpg_layer": 10, "model.pool": 3, "model.feature_norm": True, "train.feature_cache": feature_cache}
     align = tiny_config(synth_root, feature_dir, stage="align", **model)
     train(TrainConfig.from_dict(align), tmp_path / "align", max_steps=1, progress=False)
     w1 = weights(tmp_path / "align")
-    assert int(w1["pill_feature_norm.count"]) == 24 * 9  # 24 training images x 3 x 3 tokens of block 10
-    assert w1["pill_projector.weight"].shape[1] == w1["pill_feature_norm.mean"].numel() == 112
+    assert int(w1["pill_feature_norm.image.count"]) == 24 * 9  # 24 training images x 3 x 3 tokens of block 10
+    assert w1["pill_projector.image.weight"].shape[1] == w1["pill_feature_norm.image.mean"].numel() == 112
     # the statistics are those of the VPG's features of the training images
     from pill.data.images import load_image
     from pill.vpg.efficientnet import EfficientNetVPG
@@ -354,18 +358,18 @@ def test_feature_norm_is_fitted_on_training_images_and_kept_by_the_next_stage(tm
     imgs = [load_image(synth_root / "images" / "train" / q / "image.png") for q in qids]
     with torch.no_grad():
         f = vpg(vpg.preprocess(imgs)).reshape(-1, 112).double()
-    assert torch.allclose(w1["pill_feature_norm.mean"].double(), f.mean(0), atol=1e-4)
-    assert torch.allclose(w1["pill_feature_norm.std"].double(), f.std(0), rtol=1e-3, atol=1e-5)
+    assert torch.allclose(w1["pill_feature_norm.image.mean"].double(), f.mean(0), atol=1e-4)
+    assert torch.allclose(w1["pill_feature_norm.image.std"].double(), f.std(0), rtol=1e-3, atol=1e-5)
 
     cfg2 = tiny_config(synth_root, feature_dir, init_from=str(tmp_path / "align"), **model)
     apply_overrides(cfg2, ["data.split=val"])  # other images: the statistics still come from stage 1
     train(TrainConfig.from_dict(cfg2), tmp_path / "finetune", max_steps=1, progress=False)
     w2 = weights(tmp_path / "finetune")
     for k in ("mean", "std", "count"):
-        assert torch.equal(w1[f"pill_feature_norm.{k}"], w2[f"pill_feature_norm.{k}"])
+        assert torch.equal(w1[f"pill_feature_norm.image.{k}"], w2[f"pill_feature_norm.image.{k}"])
     vlm = load_run(tmp_path / "finetune")
     assert vlm.vpg.name == "efficientnet-lite0-block10-pool3"
-    assert torch.equal(vlm.pill_feature_norm.mean, w1["pill_feature_norm.mean"])
+    assert torch.equal(vlm.pill_feature_norm["image"].mean, w1["pill_feature_norm.image.mean"])
 
 
 @pytest.mark.parametrize("changes, field", [

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from pill import DataError, PillConfig
+from pill.errors import CheckpointError
 from pill.commands import count_parameters
 from pill.vlm import PillVLM
 
@@ -51,7 +52,7 @@ def test_interleaved_images_reach_their_slots(tiny_vlm):
     batch = proc(["a <image> b <image> c"], [[_img(), _img((0, 255, 0))]])
     embeds = tiny_vlm.embed(batch["input_ids"], batch["modality_ids"], batch["pixel_values"])
     feats = tiny_vlm.encode_images(batch["pixel_values"])
-    visual = tiny_vlm.pill_projector(feats)  # (2, K, d)
+    visual = tiny_vlm.pill_projector["image"](feats)  # (2, K, d)
     slots = batch["modality_ids"][0].bool()
     assert torch.allclose(embeds[0][slots], visual.reshape(-1, visual.shape[-1]), atol=1e-6)
 
@@ -105,15 +106,15 @@ def test_save_load_roundtrip(tiny_llm, tiny_vpg, tokenizer, tmp_path):
         assert torch.equal(v, state[k])
     batch = vlm.processor(["<image> x"], [[_img()]])
     assert torch.equal(vlm(**batch).logits, other(**batch).logits)
-    with pytest.raises(KeyError, match="do not match"):
+    with pytest.raises(CheckpointError, match="do not match"):
         other.load_pill_state_dict({"llm.nope.pill_x": torch.zeros(1)})
 
 
 def test_align_stage_trains_projector_and_image_experts(tiny_vlm):
     tiny_vlm.set_stage("align")
     names = [n for n, p in tiny_vlm.named_parameters() if p.requires_grad]
-    assert "pill_projector.weight" in names
-    assert all(n == "pill_projector.weight" or ".experts.1." in n for n in names)
+    assert "pill_projector.image.weight" in names
+    assert all(n == "pill_projector.image.weight" or ".experts.1." in n for n in names)
     batch = tiny_vlm.processor(["<image> caption: a red box"], [[_img()]], side="right")
     labels = batch["input_ids"].clone()
     labels[batch["modality_ids"].bool()] = -100
@@ -375,26 +376,31 @@ def test_feature_norm_standardises_and_travels_with_the_weights(tiny_llm, tiny_v
     ids = torch.full((1, tiny_vpg.num_tokens), vlm.processor.image_token_id)
     mods = torch.ones_like(ids)
     # not fitted yet: the identity
-    assert not vlm.pill_feature_norm.fitted
+    assert not vlm.pill_feature_norm["image"].fitted
     raw = vlm.embed(ids, mods, image_features=feats[:1])
-    assert torch.allclose(raw, vlm.pill_projector(feats[:1]), atol=1e-6)
+    assert torch.allclose(raw, vlm.pill_projector["image"](feats[:1]), atol=1e-6)
     assert vlm.fit_feature_norm([feats[:2], feats[2:]]) == 6 * tiny_vpg.num_tokens
     flat = feats.reshape(-1, tiny_vpg.dim).double()
-    fn = vlm.pill_feature_norm
+    fn = vlm.pill_feature_norm["image"]
     assert torch.allclose(fn.mean.double(), flat.mean(0), atol=1e-5)
     assert torch.allclose(fn.std[1:].double(), flat.std(0)[1:], rtol=1e-4)
     z = fn(feats)
     assert z[..., 0].abs().max() < 1e-4 and torch.isfinite(z).all()
     assert torch.allclose(z[..., 1:].reshape(-1, tiny_vpg.dim - 1).std(0), torch.ones(tiny_vpg.dim - 1), atol=1e-4)
     emb = vlm.embed(ids, mods, image_features=feats[:1])
-    assert torch.allclose(emb, vlm.pill_projector(fn(feats[:1])), atol=1e-6)
+    assert torch.allclose(emb, vlm.pill_projector["image"](fn(feats[:1])), atol=1e-6)
     # the statistics are saved with the trained tensors and loaded back
     state = vlm.pill_state_dict()
-    assert {"pill_feature_norm.mean", "pill_feature_norm.std", "pill_feature_norm.count"} <= set(state)
+    assert {"pill_feature_norm.image.mean", "pill_feature_norm.image.std", "pill_feature_norm.image.count"} <= set(state)
     fresh = PillVLM(tiny_llm, tiny_vpg, tokenizer, feature_norm=True)
     fresh.load_pill_state_dict(state)
-    assert fresh.pill_feature_norm.fitted and torch.equal(fresh.pill_feature_norm.std, fn.std)
-    with pytest.raises(KeyError, match="without feature_norm"):
+    assert fresh.pill_feature_norm["image"].fitted and torch.equal(fresh.pill_feature_norm["image"].std, fn.std)
+    old = {k.replace("pill_feature_norm.image.", "pill_feature_norm."): v for k, v in state.items()}
+    old["pill_projector.weight"] = old.pop("pill_projector.image.weight")
+    older = PillVLM(tiny_llm, tiny_vpg, tokenizer, feature_norm=True)  # a checkpoint from before per-modality names
+    assert "pill_projector.image.weight" in older.load_pill_state_dict(old)
+    assert torch.equal(older.pill_feature_norm["image"].std, fn.std)
+    with pytest.raises(CheckpointError, match="without feature_norm"):
         PillVLM(tiny_llm, tiny_vpg, tokenizer).load_pill_state_dict(state)
     with pytest.raises(DataError, match="width"):
         vlm.fit_feature_norm([torch.zeros(2, 3)])

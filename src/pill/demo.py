@@ -79,8 +79,9 @@ def run_demo(st: DemoSettings) -> dict:
     from .eval.evaluate import evaluate_scienceqa
     from .eval.plots import plot_gates, plot_training, read_metrics
     from .precision import resolve_precision
-    from .train.config import TrainConfig, load_config
-    from .train.loop import build_vlm, train
+    from .runconfig import TrainConfig, load_config
+    from .build import build_vlm
+    from .train.loop import train
 
     t0 = time.time()
     precision = resolve_precision(st.precision)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -11,9 +11,15 @@ import torch.nn.functional as F
 
 from .inject import PREFIX, PillValueProj, _group, is_plugged, plug, set_stage as _set_llm_stage
 from .config import PillConfig
-from .errors import DataError
-from .processor import IMAGE, PillProcessor
+from .errors import CheckpointError, ConfigError, DataError
+from .modalities import IMAGE, Modality, modality, modality_by_id
+from .processor import IGNORE_INDEX, InputSlots, PillProcessor
 from .vpg import VisualPromptGenerator
+
+# Tensor names of checkpoints written before the projector and the feature statistics were kept per
+# modality (image only): old prefix -> new prefix.
+LEGACY_NAMES = (("pill_projector.weight", "pill_projector.image.weight"),
+                ("pill_feature_norm.", "pill_feature_norm.image."))
 
 
 @dataclass
@@ -77,32 +83,56 @@ def _cache_kw(decoder: nn.Module) -> str:
 
 
 class PillVLM(nn.Module):
-    """A frozen visual prompt generator, a trainable projector and a plugged LLM.
+    """Frozen encoders (one per modality), trainable projectors and a plugged LLM.
 
     Args:
-        llm: a Hugging Face causal LM (LLaMA, Mistral or Qwen2 family); it is frozen and plugged.
-        vpg: a frozen :class:`~pill.vpg.VisualPromptGenerator`.
+        llm: a Hugging Face causal LM; it is frozen and plugged.
+        vpg: the frozen image encoder (a :class:`~pill.vpg.VisualPromptGenerator`); shorthand for
+            ``encoders={"image": vpg}``.
         tokenizer: the LLM's tokenizer (optional; needed for :meth:`chat` and the processor).
-        config: the plug-in configuration.
-        feature_norm: standardise the VPG features per channel before the projector
-            (:class:`FeatureNorm`, ``pill_feature_norm``); not part of the paper's method, off by default.
+        config: the plug-in configuration; ``num_modalities`` grows to cover every encoder's modality.
+        feature_norm: standardise the image encoder's features per channel before its projector
+            (:class:`FeatureNorm`); not part of the paper's method, off by default.
+        encoders: modality name (:mod:`pill.modalities`) -> frozen encoder, for further modalities.
+        feature_norms: modality names whose features are standardised (``feature_norm`` adds image).
 
-    ``pill_projector``: ``Linear(d_vpg -> d_llm, bias=False)``, init N(0, 0.02).
+    ``pill_projector[name]``: ``Linear(d_encoder -> d_llm, bias=False)``, init N(0, 0.02), one per
+    modality; ``pill_feature_norm[name]`` for the standardised ones.
     """
 
-    def __init__(self, llm: nn.Module, vpg: VisualPromptGenerator, tokenizer=None, config: Optional[PillConfig] = None,
-                 feature_norm: bool = False):
+    def __init__(self, llm: nn.Module, vpg: Optional[VisualPromptGenerator] = None, tokenizer=None,
+                 config: Optional[PillConfig] = None, feature_norm: bool = False, *,
+                 encoders: Optional[dict[str, nn.Module]] = None, feature_norms: Sequence[str] = ()):
         super().__init__()
+        encoders = {**({"image": vpg} if vpg is not None else {}), **(encoders or {})}
+        if not encoders:
+            raise ConfigError("a PillVLM needs at least one encoder (vpg= or encoders=)")
+        mods = {name: modality(name) for name in encoders}
         config = config or PillConfig()
+        needed = 1 + max(m.id for m in mods.values())
+        if config.num_modalities < needed:  # one expert per modality id, text included
+            config = replace(config, num_modalities=needed)
         self.pill_config = config
-        self.vpg = vpg.freeze()
+        self.modalities: dict[str, Modality] = dict(sorted(mods.items(), key=lambda kv: kv[1].id))
+        self.encoders = nn.ModuleDict({name: encoders[name].freeze() for name in self.modalities})
         self.llm = llm if is_plugged(llm) else plug(llm, config)
         device = next(llm.parameters()).device
-        self.pill_projector = nn.Linear(vpg.dim, llm.config.hidden_size, bias=False, device=device)
-        nn.init.normal_(self.pill_projector.weight, std=0.02)
-        self.pill_feature_norm = FeatureNorm(vpg.dim, device=device) if feature_norm else None
+        d = llm.config.hidden_size
+        self.pill_projector = nn.ModuleDict()
+        for name, enc in self.encoders.items():
+            self.pill_projector[name] = nn.Linear(enc.dim, d, bias=False, device=device)
+            nn.init.normal_(self.pill_projector[name].weight, std=0.02)
+        norms = set(feature_norms) | ({"image"} if feature_norm else set())
+        unknown = norms - set(self.encoders)
+        if unknown:
+            raise ConfigError(f"feature_norm: no encoder for modality {', '.join(sorted(unknown))}")
+        self.pill_feature_norm = nn.ModuleDict({n: FeatureNorm(self.encoders[n].dim, device=device)
+                                                for n in self.encoders if n in norms})
         self.tokenizer = tokenizer
-        self.processor = PillProcessor(tokenizer, vpg.num_tokens, vpg.preprocess) if tokenizer is not None else None
+        self.processor = None
+        if tokenizer is not None:
+            slots = {n: InputSlots(self.modalities[n], e.num_tokens, e.preprocess) for n, e in self.encoders.items()}
+            self.processor = PillProcessor(tokenizer, slots=slots)
         # system message of chat(); None: the chat template's default (load_run sets the run's)
         self.system_prompt: Optional[str] = None
         self._cache_kw = _cache_kw(self.decoder)
@@ -127,18 +157,29 @@ class PillVLM(nn.Module):
         return cls(model, v, tok, config, feature_norm=feature_norm)
 
     @property
+    def vpg(self) -> nn.Module:
+        """The image encoder."""
+        return self.encoders["image"]
+
+    def encoder_fingerprints(self) -> dict[str, str]:
+        """Checkpoint metadata keys -> fingerprints of the frozen encoders (``vpg_fingerprint``: image)."""
+        return {("vpg_fingerprint" if n == "image" else f"encoder_fingerprint.{n}"): e.fingerprint()
+                for n, e in self.encoders.items()}
+
+    @property
     def decoder(self) -> nn.Module:
         return self.llm.get_decoder()
 
     @property
     def device(self) -> torch.device:
-        return self.pill_projector.weight.device
+        return next(iter(self.pill_projector.values())).weight.device
 
     # -- stages and parameters -------------------------------------------------------------
     def set_stage(self, stage: str) -> None:
-        """``align`` or ``finetune`` (design note, section 4); the projector trains in both."""
+        """``align`` or ``finetune`` (design note, section 4); the projectors train in both."""
         _set_llm_stage(self.llm, stage)
-        self.pill_projector.weight.requires_grad_(True)
+        for proj in self.pill_projector.values():
+            proj.weight.requires_grad_(True)
 
     def enable_plugin_recompute(self, enabled: bool = True) -> None:
         """Recompute each layer's norm + plug-in in the backward pass instead of keeping their
@@ -175,27 +216,52 @@ class PillVLM(nn.Module):
         state.update({n: b.detach().clone() for n, b in self._pill_buffers().items()})
         return state
 
-    def fit_feature_norm(self, batches) -> int:
-        """Fit ``pill_feature_norm`` on ``batches`` of VPG features (N, K, d); returns the vector count."""
-        if self.pill_feature_norm is None:
-            raise ValueError("this model was built without feature_norm")
-        return self.pill_feature_norm.fit(batches)
+    def feature_norms_to_fit(self) -> list[str]:
+        """Modalities whose feature statistics are still to be fitted."""
+        return [n for n, norm in self.pill_feature_norm.items() if not norm.fitted]
+
+    def fit_feature_norm(self, batches, modality: str = "image") -> int:
+        """Fit ``pill_feature_norm[modality]`` on ``batches`` of encoder features (N, K, d); returns
+        the vector count."""
+        if modality not in self.pill_feature_norm:
+            raise ConfigError(f"this model standardises no {modality} features (feature_norm is off for it)")
+        return self.pill_feature_norm[modality].fit(batches)
+
+    @staticmethod
+    def _rename_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, t in state.items():
+            for old, new in LEGACY_NAMES:
+                if n.startswith(old) and not n.startswith(new):
+                    n = new + n[len(old):]
+                    break
+            out[n] = t
+        return out
 
     def load_pill_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
-        """Copy plug-in tensors in; returns the names loaded. ``strict``: unknown names are an error."""
-        if strict and self.pill_feature_norm is None and any(n.startswith("pill_feature_norm.") for n in state):
-            raise KeyError("the checkpoint has feature statistics (pill_feature_norm) but this model was built "
-                           "without feature_norm (model.feature_norm: true in the run's config)")
+        """Copy plug-in tensors in; returns the names loaded. ``strict``: unknown names are an error
+        (:class:`~pill.errors.CheckpointError`). Names written before the projector was kept per
+        modality (``pill_projector.weight``) load as the image's."""
+        state = self._rename_legacy(state)
         params = {**dict(self.named_parameters()), **self._pill_buffers()}
-        unknown = [n for n in state if n not in params or PREFIX not in n]
-        if unknown and strict:
-            raise KeyError(f"{len(unknown)} tensors do not match this model's plug-ins, e.g. {unknown[:3]}")
+        if strict:
+            norms = sorted({n.split(".")[1] for n in state if n.startswith("pill_feature_norm.")}
+                           - set(self.pill_feature_norm))
+            if norms:
+                raise CheckpointError(f"the checkpoint has feature statistics of {', '.join(norms)} "
+                                      "(pill_feature_norm) but this model was built without feature_norm for it "
+                                      "(model.feature_norm: true in the run's config)")
+            unknown = [n for n in state if n not in params or PREFIX not in n]
+            if unknown:
+                raise CheckpointError(f"{len(unknown)} tensors do not match this model's plug-ins, "
+                                      f"e.g. {unknown[:3]}")
         loaded = []
         with torch.no_grad():
             for n, t in state.items():
                 if n in params and PREFIX in n:
                     if params[n].shape != t.shape:
-                        raise ValueError(f"{n}: checkpoint shape {tuple(t.shape)} != model shape {tuple(params[n].shape)}")
+                        raise CheckpointError(f"{n}: checkpoint shape {tuple(t.shape)} != model shape "
+                                              f"{tuple(params[n].shape)}")
                     params[n].copy_(t)
                     loaded.append(n)
         return loaded
@@ -203,19 +269,23 @@ class PillVLM(nn.Module):
     def parameter_table(self) -> list[dict]:
         """Rows ``{part, parameters, trainable}`` per plug-in group, the frozen parts, and the total."""
         groups: dict[str, list[int]] = {}
-        names = {"attn_adapter": "attention-input adapters", "gate": "attention gates (MAG)",
-                 "projector": "projector"}
+        names = {"attn_adapter": "attention-input adapters", "gate": "attention gates (MAG)"}
         for n, p in self.named_parameters():
-            if PREFIX in n:
+            if n.startswith("pill_projector."):
+                label = "projector" if len(self.pill_projector) == 1 else f"projector ({n.split('.')[1]})"
+            elif PREFIX in n:
                 g = _group(n)
                 if g.startswith("expert_"):
                     m = int(g.split("_")[1])
+                    owner = modality_by_id(m)
                     label = "FFN adapter (shared, no MoMAE)" if not self.pill_config.momae else \
-                        {0: "L-experts (text)", 1: "V-experts (image)"}.get(m, f"experts (modality {m})")
+                        "L-experts (text)" if m == 0 else "V-experts (image)" if m == IMAGE else \
+                        f"{owner.name} experts" if owner is not None else f"experts (modality {m})"
                 else:
                     label = names.get(g, g)
-            elif n.startswith("vpg."):
-                label = "VPG (frozen)"
+            elif n.startswith("encoders."):
+                name = n.split(".")[1]
+                label = "VPG (frozen)" if name == "image" else f"{name} encoder (frozen)"
             else:
                 label = "LLM (frozen)"
             row = groups.setdefault(label, [0, 0])
@@ -231,55 +301,74 @@ class PillVLM(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     @torch.no_grad()
+    def encode(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Preprocessed inputs of modality ``name`` -> frozen encoder features (N, K, d_encoder)."""
+        return self.encoders[name](inputs.to(self.device))
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> frozen VPG features (N, K, d_vpg)."""
-        return self.vpg(pixel_values.to(self.device))
+        """(N, 3, H, W) -> frozen image-encoder features (N, K, d_vpg)."""
+        return self.encode("image", pixel_values)
 
     def embed(self, input_ids: torch.Tensor, modality_ids: Optional[torch.Tensor] = None,
-              pixel_values: Optional[torch.Tensor] = None,
-              image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token embeddings with the visual-token slots (modality 1) filled by projected VPG features.
+              pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
+              **modality_inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with each modality's slots filled by its projected encoder features.
 
-        input_ids, modality_ids: (B, T); pixel_values: (N, 3, H, W) or image_features: (N, K, d_vpg),
-        images in order of their slots. Returns (B, T, d_llm).
+        input_ids, modality_ids: (B, T). Per modality (:mod:`pill.modalities`), its preprocessed
+        inputs under its ``inputs_key`` (image: ``pixel_values`` (N, 3, H, W)) or its cached
+        features under its ``features_key`` (``image_features`` (N, K, d)), inputs in order of
+        their slots. Returns (B, T, d_llm).
         """
+        modality_inputs = {**modality_inputs, "pixel_values": pixel_values, "image_features": image_features}
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, d)
-        if pixel_values is None and image_features is None:
-            if modality_ids is not None and bool((modality_ids == IMAGE).any()):
-                raise DataError("the batch has image slots (modality 1) but neither pixel_values nor image_features")
-            return embeds
-        feats = image_features if image_features is not None else self.encode_images(pixel_values)
-        feats = feats.to(self.device)
-        if feats.shape[-1] != self.pill_projector.in_features or feats.shape[1] != self.vpg.num_tokens:
-            raise DataError(f"image features have shape {tuple(feats.shape)}; this model's VPG gives "
-                            f"(N, {self.vpg.num_tokens}, {self.pill_projector.in_features})")
-        slots = modality_ids == IMAGE  # (B, T)
+        for name, m in self.modalities.items():
+            feats = modality_inputs.get(m.features_key)
+            raw = modality_inputs.get(m.inputs_key)
+            if feats is None and raw is None:
+                if modality_ids is not None and bool((modality_ids == m.id).any()):
+                    raise DataError(f"the batch has {m.label} slots (modality {m.id}) but neither "
+                                    f"{m.inputs_key} nor {m.features_key}")
+                continue
+            feats = (feats if feats is not None else self.encode(name, raw)).to(self.device)
+            embeds = self._fill(embeds, modality_ids, name, m, feats)
+        return embeds
+
+    def _fill(self, embeds: torch.Tensor, modality_ids: torch.Tensor, name: str, m: Modality,
+              feats: torch.Tensor) -> torch.Tensor:
+        """Write the projected ``feats`` (N, K, d_encoder) of modality ``m`` into its slots of ``embeds``."""
+        enc, proj = self.encoders[name], self.pill_projector[name]
+        if feats.shape[-1] != proj.in_features or feats.shape[1] != enc.num_tokens:
+            raise DataError(f"{m.label} features have shape {tuple(feats.shape)}; this model's {name} encoder "
+                            f"gives (N, {enc.num_tokens}, {proj.in_features})")
+        slots = modality_ids == m.id  # (B, T)
         n_slots = int(slots.sum())
         if n_slots != feats.shape[0] * feats.shape[1]:
-            raise DataError(f"the batch has {n_slots} image-token slots but {feats.shape[0]} image(s) x "
+            raise DataError(f"the batch has {n_slots} {m.label}-token slots but {feats.shape[0]} {m.label}(s) x "
                             f"{feats.shape[1]} tokens = {feats.shape[0] * feats.shape[1]}")
-        proj_dtype = self.pill_projector.weight.dtype
-        feats = feats.to(proj_dtype)
-        if self.pill_feature_norm is not None:
-            feats = self.pill_feature_norm(feats)
-        visual = self.pill_projector(feats).to(embeds.dtype)  # (N, K, d)
-        return embeds.masked_scatter(slots.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+        feats = feats.to(proj.weight.dtype)
+        if name in self.pill_feature_norm:
+            feats = self.pill_feature_norm[name](feats)
+        tokens = proj(feats).to(embeds.dtype)  # (N, K, d)
+        return embeds.masked_scatter(slots.unsqueeze(-1), tokens.reshape(-1, tokens.shape[-1]))
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                modality_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                image_features: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                modality_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 inputs_embeds: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                cache=None, use_cache: bool = False, logits: str = "auto", **_ignored) -> VLMOutput:
+                cache=None, use_cache: bool = False, logits: str = "auto", **modality_inputs) -> VLMOutput:
         """Run the plugged LLM on an interleaved batch.
 
         Args:
             input_ids, attention_mask, modality_ids, labels: (B, T); labels use -100 where no loss.
-            pixel_values (N, 3, H, W) or image_features (N, K, d_vpg): the batch's images in slot order.
+            modality_inputs: per modality, its inputs or cached features in slot order (see
+                :meth:`embed`: ``pixel_values`` (N, 3, H, W) or ``image_features`` (N, K, d_vpg)).
+                Other keys (a batch's ``ids``, ...) are ignored.
             logits: ``all`` (B, T, V), ``last`` (B, V), ``none``, or ``auto`` (``none`` when labels are
                 given: the LM head then runs only on answer positions, which saves most of its cost).
         """
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, modality_ids, pixel_values, image_features)
+            keys = {k for m in self.modalities.values() for k in (m.inputs_key, m.features_key)}
+            inputs_embeds = self.embed(input_ids, modality_ids,
+                                       **{k: v for k, v in modality_inputs.items() if k in keys})
         B, T = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=inputs_embeds.device)
@@ -293,7 +382,7 @@ class PillVLM(nn.Module):
         result = VLMOutput(cache=out.cache if self._cache_kw == "cache" else out.past_key_values)
         if labels is not None:
             target = labels[:, 1:]
-            mask = target != -100  # (B, T-1)
+            mask = target != IGNORE_INDEX  # (B, T-1)
             h = hidden[:, :-1][mask]  # (N_answer, d)
             loss_sum = F.cross_entropy(head(h).float(), target[mask], reduction="sum")
             n = int(mask.sum())
@@ -309,7 +398,9 @@ class PillVLM(nn.Module):
         return result
 
     # -- generation -------------------------------------------------------------------------
-    def _eos_ids(self, eos_token_id) -> set[int]:
+    def eos_token_ids(self, eos_token_id=None) -> set[int]:
+        """The ids that end an answer: ``eos_token_id`` when given, else the generation config's and
+        the tokenizer's end-of-sequence ids."""
         if eos_token_id is not None:
             return set(eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])
         ids: set[int] = set()
@@ -323,11 +414,10 @@ class PillVLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 modality_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                 image_features: Optional[torch.Tensor] = None, max_new_tokens: int = 64,
+                 modality_ids: Optional[torch.Tensor] = None, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  eos_token_id=None, use_cache: bool = True, streamer: Optional[Callable[[torch.Tensor], None]] = None,
-                 generator: Optional[torch.Generator] = None, **_ignored) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, **modality_inputs) -> torch.Tensor:
         """Greedy (default) or sampled decoding with the KV cache; prompts must be left-padded.
 
         Tokens produced here are text (modality 0). ``streamer(tokens (B,))`` is called after each
@@ -338,8 +428,9 @@ class PillVLM(nn.Module):
         B = input_ids.shape[0]
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
         modality_ids = None if modality_ids is None else modality_ids.to(self.device)
-        embeds = self.embed(input_ids, modality_ids, pixel_values, image_features)
-        eos = self._eos_ids(eos_token_id)
+        keys = {k for m in self.modalities.values() for k in (m.inputs_key, m.features_key)}
+        embeds = self.embed(input_ids, modality_ids, **{k: v for k, v in modality_inputs.items() if k in keys})
+        eos = self.eos_token_ids(eos_token_id)
         eos_ids = torch.tensor(sorted(eos), device=self.device) if eos else None  # built once, not per step
         pad = self.processor.pad_token_id if self.processor is not None else (min(eos) if eos else 0)
         mods = modality_ids if modality_ids is not None else torch.zeros_like(input_ids)
@@ -389,44 +480,24 @@ class PillVLM(nn.Module):
 
     # -- convenience ------------------------------------------------------------------------
     def chat(self, prompt: str, images: Sequence = (), history: Optional[list[dict]] = None,
-             max_new_tokens: int = 128, stream: Optional[Callable[[str], None]] = None, **gen) -> str:
-        """Answer ``prompt`` about ``images`` (PIL images or paths). ``<image>`` placeholders are
-        prepended for images the prompt does not mention. ``stream(text_piece)`` receives the answer
-        as it is produced. ``history``: earlier {role, content} turns (their images not repeated).
-        ``self.system_prompt`` (set by :func:`pill.inference.load_run` from the run's
-        ``data.system_prompt``) opens the conversation unless ``history`` has a system turn."""
-        from .data.images import load_image
+             max_new_tokens: int = 128, stream: Optional[Callable[[str], None]] = None, *,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: Optional[int] = None,
+             inputs: Optional[dict[str, Sequence]] = None) -> str:
+        """Answer ``prompt`` about ``images`` (PIL images or paths) and ``inputs`` (other modalities
+        by name) after the earlier ``history`` turns ({role, content}, without inputs); placeholders
+        are prepended for inputs the prompt does not mention. ``stream(text_piece)`` receives the
+        answer as it is produced. The conversation opens with ``self.system_prompt`` (set by
+        :func:`pill.build.load_run` from the run's ``data.system_prompt``). One
+        :class:`~pill.chat.ChatSession` turn: the CLI and the web demo answer the same way."""
+        from .chat import ChatSession
 
-        if self.processor is None:
-            raise ValueError("this model has no tokenizer; pass one to PillVLM(...)")
-        imgs = [load_image(i) if not hasattr(i, "size") else i for i in images]
-        missing = len(imgs) - prompt.count("<image>")
-        if missing > 0:
-            prompt = "<image>\n" * missing + prompt
-        messages = list(history or []) + [{"role": "user", "content": prompt}]
-        if self.system_prompt is not None and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        text = self.processor.chat_prompt(messages, add_generation_prompt=True)
-        n_hist_images = sum(m["content"].count("<image>") for m in history or [])
-        if n_hist_images:
-            raise ValueError("images in earlier turns are not supported by chat(); put them in the first prompt")
-        batch = self.processor([text], [imgs])
-        pieces: list[int] = []
-        printed = ""
-
-        def on_token(tok: torch.Tensor) -> None:
-            nonlocal printed
-            pieces.append(int(tok[0]))
-            text_now = self.tokenizer.decode(pieces, skip_special_tokens=True)
-            if stream is not None and len(text_now) > len(printed) and not text_now.endswith("\ufffd"):
-                stream(text_now[len(printed):])
-                printed = text_now
-
-        self.generate(**batch, max_new_tokens=max_new_tokens, streamer=on_token, **gen)
-        final = self.tokenizer.decode(pieces, skip_special_tokens=True)
-        if stream is not None and len(final) > len(printed):
-            stream(final[len(printed):])
-        return final.strip()
+        history = list(history or [])
+        system = None
+        if history and history[0]["role"] == "system":
+            system, history = history[0]["content"], history[1:]
+        session = ChatSession(self, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                              top_p=top_p, seed=seed, system_prompt=system, history=history)
+        return session.ask(prompt, images, stream=stream, inputs=inputs).strip()
 
     @torch.no_grad()
     def measure_gates(self, **batch) -> dict:

@@ -14,7 +14,8 @@ from typing import Any, Union
 
 from ..errors import DataError
 
-IMAGE_TOKEN = "<image>"  # same placeholder as pill.processor.IMAGE_PLACEHOLDER
+from ..modalities import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+from ..modalities import modalities, modality
 
 
 @dataclass
@@ -24,15 +25,30 @@ class Sample:
     Attributes:
         id: unique name of the sample (the ScienceQA qid, the LLaVA ``id``).
         messages: ``{"role": "system"|"user"|"assistant", "content": str}``; the text
-            holds one ``<image>`` placeholder per image, in the order of ``images``.
+            holds one placeholder per input (``<image>``, ...), in the order of that modality's inputs.
         images: image file paths (``str``) or encoded image ``bytes``.
         meta: loader-specific facts (ScienceQA: answer index, choices, subject, grade, ...).
+        media: the inputs of the other registered modalities (:mod:`pill.modalities`), by name.
     """
 
     id: str
     messages: list[dict]
     images: list[Union[str, bytes]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    media: dict[str, list] = field(default_factory=dict)
+
+    def inputs(self) -> dict[str, list]:
+        """Every modality's inputs (name -> refs in placeholder order), those with none left out."""
+        out = {"image": list(self.images)} if self.images else {}
+        out.update({k: list(v) for k, v in self.media.items() if v})
+        return out
+
+    def with_inputs(self, inputs: dict[str, list]) -> "Sample":
+        """A copy whose inputs are ``inputs`` (name -> refs)."""
+        from dataclasses import replace
+
+        rest = {k: list(v) for k, v in inputs.items() if k != "image"}
+        return replace(self, images=list(inputs.get("image", [])), media=rest)
 
 
 class BadSample(DataError):
@@ -94,7 +110,8 @@ class SampleList(list):
 
 
 def image_key(image: Union[str, bytes]) -> str:
-    """A stable name for an image: its path, or ``sha256:<hex>`` of its encoded bytes."""
+    """A stable name for an input (an image, an audio clip, ...): its path, or ``sha256:<hex>`` of
+    its encoded bytes."""
     if isinstance(image, (bytes, bytearray)):
         import hashlib
 
@@ -103,19 +120,24 @@ def image_key(image: Union[str, bytes]) -> str:
 
 
 def check_placeholders(sample: Sample, source: str, kind: str = "sample") -> None:
-    """Raise BadSample unless the ``<image>`` placeholders match the images one to one.
+    """Raise BadSample unless each modality's placeholders match its inputs one to one.
 
     ``kind`` names the unit in messages ("sample", or "problem" for ScienceQA)."""
-    n = sum(m["content"].count(IMAGE_TOKEN) for m in sample.messages)
-    if n != len(sample.images):
-        what = (f"{n} {IMAGE_TOKEN} placeholder(s) but no image" if not sample.images else
-                f"{len(sample.images)} image(s) but no {IMAGE_TOKEN} placeholder" if n == 0 else
-                f"{n} {IMAGE_TOKEN} placeholder(s) but {len(sample.images)} image(s)")
-        raise BadSample(f"{source}: {kind} {sample.id}: {what}", "placeholder_mismatch")
-    for m in sample.messages:
-        if m["role"] == "assistant" and IMAGE_TOKEN in m["content"]:
-            raise BadSample(f"{source}: {kind} {sample.id}: {IMAGE_TOKEN} in an assistant turn",
-                            "placeholder_mismatch")
+    have = sample.inputs()
+    for m in modalities():
+        n = sum(msg["content"].count(m.placeholder) for msg in sample.messages)
+        k = len(have.get(m.name, []))
+        if n != k:
+            what = (f"{n} {m.placeholder} placeholder(s) but no {m.label}" if not k else
+                    f"{k} {m.label}(s) but no {m.placeholder} placeholder" if n == 0 else
+                    f"{n} {m.placeholder} placeholder(s) but {k} {m.label}(s)")
+            raise BadSample(f"{source}: {kind} {sample.id}: {what}", "placeholder_mismatch")
+        for msg in sample.messages:
+            if msg["role"] == "assistant" and m.placeholder in msg["content"]:
+                raise BadSample(f"{source}: {kind} {sample.id}: {m.placeholder} in an assistant turn",
+                                "placeholder_mismatch")
+    for name in have:
+        modality(name)  # an unknown modality name is an error
 
 
 def check_image(path_or_bytes: Union[str, bytes], sample_id: str, source: str, *, decode: bool,
@@ -145,6 +167,18 @@ def check_image(path_or_bytes: Union[str, bytes], sample_id: str, source: str, *
         raise BadSample(f"{kind} {sample_id}: {text}", reason) from None
 
 
+def check_input_file(path: str, modality_name: str, sample_id: str, source: str, kind: str = "sample") -> None:
+    """Raise BadSample (missing_input / bad_input) unless ``path`` is a regular file (non-image inputs
+    are decoded when a batch is built, with errors naming the file)."""
+    import os
+
+    m = modality(modality_name)
+    if not os.path.isfile(path):
+        reason = "bad_input" if os.path.exists(path) else "missing_input"
+        what = "is not a regular file" if os.path.exists(path) else "not found"
+        raise BadSample(f"{source}: {kind} {sample_id}: {m.label} file {what}: {path}", reason)
+
+
 def read_json(path, what: str = "JSON") -> Any:
     """``json.load`` with a DataError naming the file, line and column of a syntax error."""
     import json
@@ -161,4 +195,5 @@ def read_json(path, what: str = "JSON") -> Any:
 
 
 __all__ = ["IMAGE_TOKEN", "Sample", "SampleList", "LoadReport", "BadSample", "image_key", "check_placeholders",
+           "check_input_file",
            "check_image", "read_json"]

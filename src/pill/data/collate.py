@@ -15,11 +15,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from ..errors import ConfigError, DataError
-from ..processor import IMAGE, Encoded
-from . import IMAGE_TOKEN, BadSample, LoadReport, Sample, image_key
+from ..modalities import TEXT, modalities, modality, modality_by_id
+from ..processor import IGNORE_INDEX, Encoded
+from . import BadSample, LoadReport, Sample, image_key
 from .prompts import render_chat, resolve_template
-
-IGNORE_INDEX = -100
 
 
 class SampleTooLong(BadSample):
@@ -34,7 +33,7 @@ def _special_strings(tokenizer) -> list[str]:
     for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
         if getattr(tok, "special", False):
             names.add(str(tok))
-    names.discard(IMAGE_TOKEN)
+    names.difference_update(m.placeholder for m in modalities())
     return sorted((n for n in names if n), key=len, reverse=True)
 
 
@@ -91,44 +90,51 @@ def encode_sample(sample: Sample, processor, max_length: Optional[int], *, templ
     Returns Encoded with ``len <= max_length``.
     """
     name = f"sample {sample.id}"
-    K = processor.num_image_tokens
     ids: list[int] = []
     mods: list[int] = []
     labels: list[int] = []
-    image_starts: list[int] = []
+    starts: list[tuple[int, int, int]] = []  # (position, modality id, slot tokens) of each input
     for text, is_label in chat_segments(sample.messages, processor.tokenizer, template, name):
         enc = processor.tokenize(text)
-        if is_label and enc.num_images:
-            raise BadSample(f"{name}: {IMAGE_TOKEN} in an assistant turn", "placeholder_mismatch")
+        if is_label and enc.num_inputs:
+            placeholder = modality_by_id(next(iter(enc.num_inputs))).placeholder
+            raise BadSample(f"{name}: {placeholder} in an assistant turn", "placeholder_mismatch")
         j = 0
         while j < len(enc):
-            if enc.modality_ids[j] == IMAGE:
-                image_starts.append(len(ids) + j)
-                j += K
+            mid = enc.modality_ids[j]
+            if mid != TEXT:
+                k = processor.tokens_of(mid)
+                starts.append((len(ids) + j, mid, k))
+                j += k
             else:
                 j += 1
         ids += enc.input_ids
         mods += enc.modality_ids
         labels += enc.input_ids if is_label else [IGNORE_INDEX] * len(enc)
-    if len(image_starts) != len(sample.images):
-        raise BadSample(f"{name}: {len(image_starts)} {IMAGE_TOKEN} placeholder(s) but {len(sample.images)} image(s)",
-                        "placeholder_mismatch")
+    have = sample.inputs()
+    for m in {modality(n) for n in have} | {modality_by_id(mid) for _, mid, _ in starts}:
+        n_slots = sum(1 for _, mid, _ in starts if mid == m.id)
+        if n_slots != len(have.get(m.name, [])):
+            raise BadSample(f"{name}: {n_slots} {m.placeholder} placeholder(s) but {len(have.get(m.name, []))} "
+                            f"{m.label}(s)", "placeholder_mismatch")
     if all(x == IGNORE_INDEX for x in labels):
         raise BadSample(f"{name}: no assistant answer to learn from", "no_answer")
-    n_images = len(image_starts)
     if max_length is not None and len(ids) > max_length:
         if not truncate:
             raise SampleTooLong(f"{name}: {len(ids)} tokens, above max_length {max_length}")
         cut = max_length
-        for s in image_starts:
-            if s < cut < s + K:
+        for s, _, k in starts:
+            if s < cut < s + k:
                 cut = s
         if all(x == IGNORE_INDEX for x in labels[:cut]):
             raise SampleTooLong(f"{name}: {len(ids)} tokens; cutting to max_length {max_length} "
                                 "would remove the whole answer")
         ids, mods, labels = ids[:cut], mods[:cut], labels[:cut]
-        n_images = sum(s + K <= cut for s in image_starts)
-    return Encoded(ids, mods, labels, num_images=n_images)
+        starts = [st for st in starts if st[0] + st[2] <= cut]  # an input cut off is dropped
+    counts: dict[int, int] = {}
+    for _, mid, _ in starts:
+        counts[mid] = counts.get(mid, 0) + 1
+    return Encoded(ids, mods, labels, num_inputs=counts)
 
 
 def encode_prompt(messages: Sequence[dict], processor, *, template: Optional[str] = None) -> Encoded:
@@ -146,14 +152,14 @@ def prompt_items(samples: Sequence[Sample], processor, *, template: Optional[str
     for s in samples:
         messages = s.messages[:-1] if s.messages and s.messages[-1]["role"] == "assistant" else s.messages
         items.append({"id": s.id, "encoded": encode_prompt(messages, processor, template=template),
-                      "images": list(s.images)})
+                      "inputs": s.inputs()})
     return items
 
 
 class PillDataset(torch.utils.data.Dataset):
     """Samples tokenised once, reused every epoch.
 
-    Items are ``{"id", "encoded": Encoded, "images": [...]}`` for :class:`Collator`.
+    Items are ``{"id", "encoded": Encoded, "inputs": {modality name: [refs]}}`` for :class:`Collator`.
 
     Args:
         on_overflow: ``"skip"`` samples that cannot fit ``max_length`` (counted in
@@ -239,7 +245,8 @@ class PillDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         enc = self._encoded_for_epoch(i)
         s = self.samples[i]
-        return {"id": s.id, "encoded": enc, "images": list(s.images[: enc.num_images])}
+        kept = {n: refs[: enc.num_inputs.get(modality(n).id, 0)] for n, refs in s.inputs().items()}
+        return {"id": s.id, "encoded": enc, "inputs": {n: r for n, r in kept.items() if r}}
 
 
 class LengthGroupedBatchSampler:
@@ -248,8 +255,8 @@ class LengthGroupedBatchSampler:
     With ``shuffle``: indices are shuffled (seed, epoch), cut into groups of
     ``batch_size * group_batches``, each group sorted by length and cut into batches,
     and the batch order shuffled again. Without: sorted by length, longest first.
-    The global list of batches depends only on (lengths, seed, epoch); for several
-    processes, give every rank :func:`shard_batches` of it.
+    The global list of batches depends only on (lengths, seed, epoch); the training loop
+    splits each global batch across the processes.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, shuffle: bool = True,
@@ -296,55 +303,59 @@ class LengthGroupedBatchSampler:
         return n // B if self.drop_last else -(-n // B)
 
 
-def shard_batches(batches: Sequence[list[int]], rank: int, world_size: int) -> list[list[int]]:
-    """The batches of process ``rank``: every ``world_size``-th, the same count on every rank.
-
-    Trailing batches that cannot be spread evenly are dropped, so all ranks take
-    the same number of steps.
-    """
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"rank {rank} is not in [0, {world_size})")
-    usable = len(batches) - len(batches) % world_size
-    return list(batches[rank:usable:world_size])
-
-
 class Collator:
     """Items of :class:`PillDataset` (or :func:`prompt_items`) -> one padded batch.
 
     Returns input_ids, attention_mask, modality_ids, labels (B, T) (labels only when
-    every item has them), ``ids`` (B sample ids), ``image_keys`` (one per image in
-    order of occurrence: the path, or ``sha256:<hex>`` for bytes) and, when the
-    processor has ``preprocess`` and ``load_images`` is set and there are images,
-    ``pixel_values`` (N, 3, H, W).
+    every item has them), ``ids`` (B sample ids) and, per modality with inputs in the batch
+    (:mod:`pill.modalities`): under its ``refs_key`` (``image_keys``) one cache reference per
+    input in order of occurrence (the path, or ``sha256:<hex>`` for bytes) and, when
+    ``load_inputs`` is set and the processor can preprocess that modality, the preprocessed
+    batch under its ``inputs_key`` (``pixel_values`` (N, 3, H, W)).
     """
 
     def __init__(self, processor, load_images: bool = True, max_pixels: Optional[int] = None,
                  padding_side: str = "right"):
         self.processor = processor
-        self.load_images = load_images
+        self.load_inputs = load_images
         self.max_pixels = max_pixels
         self.padding_side = padding_side
 
     def __call__(self, items: Sequence[dict]) -> dict[str, Any]:
         batch: dict[str, Any] = self.processor.pad([it["encoded"] for it in items], side=self.padding_side)
-        images, owners = [], []
+        refs: dict[str, list] = {}
+        owners: dict[str, list] = {}
         for it in items:
-            if it["encoded"].num_images != len(it["images"]):
-                raise DataError(f"sample {it['id']}: {it['encoded'].num_images} image slot group(s) "
-                                f"but {len(it['images'])} image(s)")
-            images += it["images"]
-            owners += [it["id"]] * len(it["images"])
+            have = it.get("inputs", {})
+            for name in set(have) | {modality_by_id(mid).name for mid in it["encoded"].num_inputs}:
+                m = modality(name)
+                n = it["encoded"].num_inputs.get(m.id, 0)
+                if n != len(have.get(name, [])):
+                    raise DataError(f"sample {it['id']}: {n} {m.label} slot group(s) but "
+                                    f"{len(have.get(name, []))} {m.label}(s)")
+            for name, r in have.items():
+                refs.setdefault(name, []).extend(r)
+                owners.setdefault(name, []).extend([it["id"]] * len(r))
         batch["ids"] = [it["id"] for it in items]
-        batch["image_keys"] = [image_key(img) for img in images]
-        if self.load_images and self.processor.preprocess is not None and images:
-            from .images import DEFAULT_MAX_PIXELS, load_image
-
-            pil = []
-            for img, owner in zip(images, owners):
-                try:
-                    pil.append(load_image(img, max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS,
-                                          name=None if isinstance(img, str) else f"image bytes of sample {owner}"))
-                except DataError as e:
-                    raise DataError(f"sample {owner}: {e}") from None
-            batch["pixel_values"] = self.processor.preprocess(pil)
+        for name, r in refs.items():
+            m = modality(name)
+            batch[m.refs_key] = [image_key(x) for x in r]
+            slot = self.processor.slots.get(name)
+            if self.load_inputs and slot is not None and slot.preprocess is not None:
+                decoded = [self._load(m, x, owner) for x, owner in zip(r, owners[name])]
+                batch[m.inputs_key] = slot.preprocess(decoded)
         return batch
+
+    def _load(self, m, ref, owner: str):
+        from .images import DEFAULT_MAX_PIXELS
+
+        kw = {"max_pixels": self.max_pixels or DEFAULT_MAX_PIXELS} if m.name == "image" else {}
+        try:
+            return m.load(ref, name=None if isinstance(ref, str) else f"{m.label} bytes of sample {owner}", **kw)
+        except DataError as e:
+            raise DataError(f"sample {owner}: {e}") from None
+
+
+def batch_refs(batch: dict) -> dict[str, list[str]]:
+    """modality name -> the batch's cache references (``<name>_keys``) for the modalities it has."""
+    return {m.name: batch[m.refs_key] for m in modalities() if batch.get(m.refs_key)}

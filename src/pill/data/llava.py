@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import DataError
-from . import BadSample, LoadReport, Sample, SampleList, check_image, check_placeholders, read_json
+from ..modalities import modalities
+from . import (BadSample, LoadReport, Sample, SampleList, check_image, check_input_file, check_placeholders,
+               read_json)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -73,12 +75,15 @@ def record_to_sample(record: Any, index: int, image_folder: Union[str, os.PathLi
         raise BadSample(f"{where}: the conversation must start with a human turn", "bad_field")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadSample(f"{where}: no gpt turn to learn from", "no_answer")
-    image = record.get("image")
-    names = [] if image in (None, "") else [image] if isinstance(image, str) else image
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise BadSample(f"{where}: 'image' must be a path or a list of paths", "bad_field")
-    images = [os.path.join(str(image_folder), n) for n in names]
-    sample = Sample(id=sid, messages=messages, images=images, meta={"source": "llava", "index": index})
+    inputs = {}
+    for m in modalities():  # "image": ..., and the fields of other registered modalities ("audio": [...])
+        value = record.get(m.json_field)
+        names = [] if value in (None, "") else [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise BadSample(f"{where}: {m.json_field!r} must be a path or a list of paths", "bad_field")
+        if names:
+            inputs[m.name] = [os.path.join(str(image_folder), n) for n in names]
+    sample = Sample(id=sid, messages=messages, meta={"source": "llava", "index": index}).with_inputs(inputs)
     check_placeholders(sample, source)
     return sample
 
@@ -113,6 +118,9 @@ def load_llava(json_path: Union[str, os.PathLike], image_folder: Union[str, os.P
             sample = record_to_sample(record, index, image_folder, source, system_prompt)
             for img in sample.images:
                 check_image(img, sample.id, source, decode=check_images, max_pixels=max_pixels)
+            for name, refs in sample.media.items():
+                for ref in refs:
+                    check_input_file(ref, name, sample.id, source)
         except BadSample as e:
             if not skip_bad:
                 raise

@@ -140,7 +140,7 @@ def generate_answers(vlm, samples: Sequence, *, batch_size: int = 8, max_new_tok
     processor = vlm.processor
     items = prompt_items(samples, processor, template=template)
     collate = Collator(processor, padding_side="left")
-    eos = vlm._eos_ids(None)
+    eos = vlm.eos_token_ids()
     out: list[Optional[str]] = [None] * len(samples)
     with _progress(len(samples), desc, progress) as bar:
         for batch_idx in _length_batches(items, batch_size):
@@ -164,7 +164,7 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
     """Answer the problems of one ScienceQA split, score them, and write the result files.
 
     Args:
-        vlm: a :class:`~pill.vlm.PillVLM` with a tokenizer (e.g. from :func:`pill.inference.load_run`).
+        vlm: a :class:`~pill.vlm.PillVLM` with a tokenizer (e.g. from :func:`pill.build.load_run`).
         data_root: ScienceQA folder (official layout) or parquet export.
         split: ``test``, ``val``, ``minitest``, ...
         prompt_format: ``<input>-<output>`` as in training, e.g. ``QCM-A`` or ``QCM-ALE``.
@@ -178,7 +178,7 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
         use_caption: add ``captions.json`` captions to the context, as in training with captions.
         template: chat template name or string (default: the tokenizer's own, as in training).
         system_prompt: system message, as in training; default ``vlm.system_prompt``, which
-            :func:`~pill.inference.load_run` sets to the run's ``data.system_prompt`` (None there:
+            :func:`~pill.build.load_run` sets to the run's ``data.system_prompt`` (None there:
             the chat template's default).
 
     Returns the scores (``NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg`` percentages, ``topics``,

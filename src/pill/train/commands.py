@@ -6,7 +6,7 @@ import os
 
 
 def _train(args) -> int:
-    from .config import check_inputs, load_config
+    from ..runconfig import check_inputs, load_config
     from .loop import train
 
     cfg = load_config(args.config, args.set)
@@ -19,7 +19,7 @@ def _train(args) -> int:
 
 
 def _features(args) -> int:
-    from .config import check_inputs, load_config
+    from ..runconfig import check_inputs, load_config
     from .loop import build_vlm, load_dataset_samples, prepare_features
 
     cfg = load_config(args.config, args.set)

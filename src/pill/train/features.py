@@ -49,10 +49,14 @@ def default_cache_root() -> Path:
 
 
 class FeatureCache:
-    """Features of one VPG: ``get(keys) -> (N, K, d)``; ``build(images)`` fills what is missing."""
+    """Features of one frozen encoder: ``get(keys) -> (N, K, d)``; ``build(inputs)`` fills what is missing.
 
-    def __init__(self, root: Union[str, Path, None], vpg):
+    Each encoder has its own namespace (a folder named by its name and fingerprint), so the caches
+    of several modalities share one root. ``load``: ``ref -> decoded input`` (default: images)."""
+
+    def __init__(self, root: Union[str, Path, None], vpg, load=None):
         self.vpg = vpg
+        self.load = load or load_image
         self.dir = Path(root or default_cache_root()) / f"{vpg.name}-{vpg.fingerprint()}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, str] = self._read_index()
@@ -113,13 +117,13 @@ class FeatureCache:
         if not todo:
             return 0
         device = device or next(self.vpg.parameters()).device
-        bar = tqdm(total=len(todo), desc=f"features ({self.vpg.name})", unit="img", disable=not progress)
+        bar = tqdm(total=len(todo), desc=f"features ({self.vpg.name})", unit="input", disable=not progress)
         for start in range(0, len(todo), shard_size):
             chunk = todo[start:start + shard_size]
             tensors: dict[str, torch.Tensor] = {}
             for b in range(0, len(chunk), batch_size):
                 keys = chunk[b:b + batch_size]
-                pix = self.vpg.preprocess([load_image(images[k]) for k in keys]).to(device)
+                pix = self.vpg.preprocess([self.load(images[k]) for k in keys]).to(device)
                 feats = self.vpg(pix).float().cpu()  # (n, K, d)
                 for k, f in zip(keys, feats):
                     tensors[k] = f.contiguous()

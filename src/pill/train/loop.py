@@ -23,9 +23,13 @@ import torch
 from .. import __version__
 from ..errors import CheckpointError, PillError
 from ..precision import Precision, resolve_precision
-from .checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, load_weights, rng_state,
+from ..build import build_vlm, fingerprints as model_fingerprints, load_dataset_samples  # noqa: F401
+from ..data import image_key
+from ..data.collate import batch_refs
+from ..processor import IGNORE_INDEX
+from ..checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, load_weights, rng_state,
                          save_resume_state, save_weights, set_rng_state)
-from .config import TrainConfig, check_inputs, save_config
+from ..runconfig import TrainConfig, check_inputs, save_config
 
 
 class TrainingError(PillError):
@@ -40,61 +44,24 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Setup:
+    """Everything one training run needs, built by :func:`setup` and used by :func:`fit`."""
+
     cfg: TrainConfig
     run_dir: Path
-    accelerator: Any
-    vlm: Any
-    model: Any  # the (possibly wrapped) module that is called
-    dataset: Any
-    sampler: Any
-    collator: Any
-    optimizer: Any
-    scheduler: Any
-    features: Any  # FeatureCache or None
-    feature_keys: dict = field(default_factory=dict)  # image ref -> cache key
+    accelerator: "accelerate.Accelerator"
+    vlm: "PillVLM"
+    model: torch.nn.Module  # the module that is called: ``vlm``, wrapped by accelerate when distributed
+    dataset: "PillDataset"
+    sampler: "LengthGroupedBatchSampler"
+    collator: "Collator"
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    features: dict[str, "FeatureCache"] = field(default_factory=dict)  # modality -> cache (empty: no cache)
+    feature_keys: dict[str, dict[str, str]] = field(default_factory=dict)  # modality -> input ref -> cache key
     steps_per_epoch: int = 0
     total_steps: int = 0
-    fingerprints: dict = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
     precision: Optional[Precision] = None
-
-
-def load_dataset_samples(cfg: TrainConfig, progress: bool = True):
-    """The configured samples (a :class:`~pill.data.SampleList`)."""
-    from ..data.llava import load_llava
-
-    d = cfg.data
-    if d.format == "scienceqa":
-        from ..data.scienceqa import load_scienceqa
-
-        samples = load_scienceqa(d.root, d.split, prompt_format=d.prompt_format, use_caption=d.use_caption,
-                                 skip_bad=d.skip_bad, limit=d.limit, progress=progress, system_prompt=d.system_prompt)
-    else:
-        samples = load_llava(d.json, d.image_folder or os.path.dirname(d.json), skip_bad=d.skip_bad, limit=d.limit,
-                             progress=progress, system_prompt=d.system_prompt)
-    if d.mix_llava_json:
-        extra = load_llava(d.mix_llava_json, d.mix_image_folder or os.path.dirname(d.mix_llava_json),
-                           skip_bad=d.skip_bad, limit=d.mix_limit, progress=progress, system_prompt=d.system_prompt)
-        samples.extend(extra)
-    return samples
-
-
-def build_vlm(cfg: TrainConfig, device: str = "cpu"):
-    """The model a config describes: real weights, or tiny random ones with ``model.random_init``."""
-    from ..vlm import PillVLM
-
-    m = cfg.model
-    if m.random_init:
-        from ..models import build_llm_from_config, load_tokenizer
-        from ..vpg.efficientnet import EfficientNetVPG
-
-        torch.manual_seed(0)
-        vpg = EfficientNetVPG(pretrained=False, pool=m.pool, layer=m.vpg_layer)
-        llm = build_llm_from_config(m.llm, seed=0)
-        torch.manual_seed(cfg.train.seed)
-        return PillVLM(llm, vpg, load_tokenizer(), cfg.pill, feature_norm=m.feature_norm).to(device)
-    return PillVLM.from_pretrained(m.llm, m.vpg, m.vpg_path, cfg.pill, pool=m.pool,
-                                   dtype=getattr(torch, m.dtype), device=device, vpg_layer=m.vpg_layer,
-                                   feature_norm=m.feature_norm)
 
 
 def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = True) -> Setup:
@@ -104,7 +71,6 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     from transformers import get_cosine_schedule_with_warmup
 
     from ..data.collate import Collator, LengthGroupedBatchSampler, PillDataset
-    from ..models import fingerprint_llm
 
     # accelerate keeps its state per process; a later stage in the same single process (pill demo,
     # a notebook) may use another precision, so start from a clean state there.
@@ -120,7 +86,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     seed_everything(cfg.train.seed)
     if vlm is None:
         vlm = build_vlm(cfg, device=str(accelerator.device))
-    fingerprints = {"llm_fingerprint": fingerprint_llm(vlm.llm), "vpg_fingerprint": vlm.vpg.fingerprint()}
+    fingerprints = model_fingerprints(vlm)
     if cfg.init_from:
         src = Path(cfg.init_from) / WEIGHTS
         if not src.is_file():
@@ -140,13 +106,13 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     if len(dataset) == 0:
         raise TrainingError(f"no training samples left in {cfg.data.root or cfg.data.json} (see the report above)")
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.optim.batch_size, seed=cfg.train.seed)
-    features, feature_keys = None, {}
+    features, feature_keys = {}, {}
     if cfg.train.feature_cache:
         features, feature_keys = prepare_features(cfg, vlm, dataset.samples, accelerator, progress)
-    if vlm.pill_feature_norm is not None and not vlm.pill_feature_norm.fitted:
-        fit_feature_norm(vlm, dataset.samples, features, feature_keys,
+    for name in vlm.feature_norms_to_fit():
+        fit_feature_norm(vlm, dataset.samples, features.get(name), feature_keys.get(name), modality=name,
                          progress=progress and accelerator.is_main_process)
-    collator = Collator(vlm.processor, load_images=features is None)
+    collator = Collator(vlm.processor, load_images=not features)
 
     steps_per_epoch = len(sampler)
     total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
@@ -178,46 +144,54 @@ def _cosine(optimizer, warmup: int, total: int, min_ratio: float):
 
 
 def prepare_features(cfg: TrainConfig, vlm, samples, accelerator=None, progress: bool = True):
-    """Fill the feature cache for every image of ``samples``; returns (cache, image ref -> key)."""
+    """Fill a feature cache per modality for every input of ``samples``; returns
+    (modality -> cache, modality -> {input ref -> cache key})."""
     from .features import FeatureCache, content_key
 
-    refs = {}
+    refs: dict[str, dict] = {name: {} for name in vlm.encoders}
     for s in samples:
-        for img in s.images:
-            ref = img if isinstance(img, str) else None
-            key = content_key(img)
-            refs[ref if ref is not None else "sha256:" + key] = (key, img)
-    cache = FeatureCache(cfg.train.cache_dir, vlm.vpg)
+        for name, items in s.inputs().items():
+            for ref in items:
+                refs[name][image_key(ref)] = (content_key(ref), ref)
     main = accelerator is None or accelerator.is_main_process
-    if main:
-        cache.build({k: img for k, img in refs.values()}, progress=progress)
+    caches = {}
+    for name, enc in vlm.encoders.items():
+        cache = FeatureCache(cfg.train.cache_dir, enc, load=vlm.modalities[name].load)
+        if main:
+            cache.build({k: ref for k, ref in refs[name].values()}, progress=progress)
+        caches[name] = cache
     if accelerator is not None:
         accelerator.wait_for_everyone()
         if not main:
-            cache = FeatureCache(cfg.train.cache_dir, vlm.vpg)
-    return cache, {ref: k for ref, (k, _) in refs.items()}
+            caches = {name: FeatureCache(cfg.train.cache_dir, enc, load=vlm.modalities[name].load)
+                      for name, enc in vlm.encoders.items()}
+    return caches, {name: {ref: k for ref, (k, _) in r.items()} for name, r in refs.items()}
 
 
 FEATURE_NORM_IMAGES = 1000
 
 
-def fit_feature_norm(vlm, samples, features=None, feature_keys=None, *, max_images: int = FEATURE_NORM_IMAGES,
-                     progress: bool = True) -> int:
-    """Fit ``vlm.pill_feature_norm`` on the VPG features of the first ``max_images`` distinct
-    images of ``samples`` (from the feature cache when given). Returns the number of images."""
+def fit_feature_norm(vlm, samples, features=None, feature_keys=None, *, modality: str = "image",
+                     max_images: int = FEATURE_NORM_IMAGES, progress: bool = True) -> int:
+    """Fit ``vlm.pill_feature_norm[modality]`` on the encoder features of the first ``max_images``
+    distinct inputs of that modality in ``samples`` (from its feature cache when given). Returns
+    the number of inputs."""
     from tqdm.auto import tqdm
 
-    from ..data.images import load_image
     from .features import content_key
 
-    if features is not None:  # the cache's keys: one per distinct image, in sample order
+    m = vlm.modalities[modality]
+    if features is not None:  # the cache's keys: one per distinct input, in sample order
         refs = list(dict.fromkeys(feature_keys.values()))[:max_images]
     else:
-        distinct = {(img if isinstance(img, str) else content_key(img)): img for s in samples for img in s.images}
+        distinct = {(r if isinstance(r, str) else content_key(r)): r
+                    for s in samples for r in s.inputs().get(modality, [])}
         refs = list(distinct.values())[:max_images]
     if not refs:
-        raise TrainingError("model.feature_norm: the training samples have no images to fit the feature statistics on")
+        raise TrainingError(f"model.feature_norm: the training samples have no {m.label}s to fit the feature "
+                            "statistics on")
     B = 32
+    enc = vlm.encoders[modality]
 
     def batches():
         for i in range(0, len(refs), B):
@@ -225,18 +199,18 @@ def fit_feature_norm(vlm, samples, features=None, feature_keys=None, *, max_imag
             if features is not None:
                 yield features.get(chunk)
             else:
-                yield vlm.encode_images(vlm.vpg.preprocess([load_image(r) for r in chunk]))
+                yield vlm.encode(modality, enc.preprocess([m.load(r) for r in chunk]))
 
     bar = tqdm(batches(), total=-(-len(refs) // B), desc="feature statistics", unit="batch",
                disable=not progress, leave=False)
-    vectors = vlm.fit_feature_norm(bar)
+    vectors = vlm.fit_feature_norm(bar, modality)
     if progress:
-        print(f"feature_norm: per-channel statistics of {len(refs)} training images ({vectors} feature vectors)")
+        print(f"feature_norm: per-channel statistics of {len(refs)} training {m.label}s ({vectors} feature vectors)")
     return len(refs)
 
 
 def _label_tokens(encoded) -> int:
-    return sum(1 for t in encoded.labels[1:] if t != -100)
+    return sum(1 for t in encoded.labels[1:] if t != IGNORE_INDEX)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -350,11 +324,13 @@ def _train_step(s: Setup, global_batch: list[int], W: int, rank: int) -> tuple[f
         if dummy:
             chunk = items_all[:1]
         batch = _to_device(s.collator(chunk), acc.device)
-        if s.features is not None and batch["image_keys"]:
-            keys = [s.feature_keys[k] for k in batch["image_keys"]]
-            batch["image_features"] = s.features.get(keys).to(acc.device)
+        for name, refs in batch_refs(batch).items():
+            if name in s.features:
+                keys = [s.feature_keys[name][r] for r in refs]
+                batch[s.vlm.modalities[name].features_key] = s.features[name].get(keys).to(acc.device)
+        for mod in s.vlm.modalities.values():
+            batch.pop(mod.refs_key, None)
         batch.pop("ids", None)
-        batch.pop("image_keys", None)
         sync = j == n_micro - 1
         ctx = acc.no_sync(s.model) if not sync and W > 1 else _null()
         with ctx, acc.autocast():

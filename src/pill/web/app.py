@@ -19,10 +19,10 @@ from typing import Any, Callable, Optional
 
 from ..data.images import load_image
 from ..errors import DataError
+from ..modalities import IMAGE_PLACEHOLDER
 
 log = logging.getLogger("pill.web")
 
-IMAGE_PLACEHOLDER = "<image>"
 STORED_IMAGE_SIDE = 1024  # uploads are kept at most this big: every VPG reads 224-384 px
 
 # Generation settings the page may send: name -> (type, minimum, maximum, default).

@@ -16,7 +16,7 @@ def load_demo_model(run: Optional[str] = None, device: str = "cpu"):
     """The model the demo serves and its side-panel info: a trained run, or the embedded default.
 
     ``run``: a run directory (``config.yaml``, ``pill.safetensors``, ...) loaded with
-    ``pill.inference.load_run``; None loads SmolLM2-135M-Instruct + EfficientNet-Lite0 with
+    ``pill.build.load_run``; None loads SmolLM2-135M-Instruct + EfficientNet-Lite0 with
     freshly initialised (untrained) plug-ins. Returns ``(vlm, info)``.
     """
     from .app import model_info
@@ -29,10 +29,8 @@ def load_demo_model(run: Optional[str] = None, device: str = "cpu"):
                                vpg="EfficientNet-Lite0 (ImageNet weights)")
     if not Path(run).is_dir():
         raise PillError(f"--run {run}: no such run directory")
-    try:
-        from ..inference import load_run
-    except ImportError as e:
-        raise PillError(f"--run needs pill.inference.load_run, which this install lacks ({e})") from None
+    from ..build import load_run
+
     vlm = load_run(run, device=device).eval()
     return vlm, model_info(vlm, run_dir=run)
 

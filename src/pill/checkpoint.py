@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
 
 WEIGHTS = "pill.safetensors"
 STATE = "state.pt"

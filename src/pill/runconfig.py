@@ -7,13 +7,25 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ..config import PillConfig, from_dict, load_yaml, parse_override, to_dict
-from ..errors import ConfigError
+from .config import PillConfig, from_dict, load_yaml, parse_override, to_dict
+from .errors import ConfigError
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen encoder of one modality (:mod:`pill.modalities`)."""
+
+    name: str  # a registered encoder, e.g. efficientnet-lite0
+    path: Optional[str] = None  # checkpoint folder or hub id, for encoders that load one
+    layer: Optional[int] = None  # which encoder layer gives the tokens, where the encoder has a choice
+    pool: Optional[int] = None  # pool the encoder's token grid, where it has one
+    feature_norm: bool = False  # standardise the features per channel before the projector
 
 
 @dataclass
 class ModelConfig:
-    """Which frozen models to plug together."""
+    """Which frozen models to plug together. ``vpg*``, ``pool`` and ``feature_norm`` set the image
+    encoder; ``encoders`` adds the encoders of further modalities, by modality name."""
 
     llm: str = "smollm2-135m-instruct"  # embedded default, HF folder or hub id
     vpg: Literal["efficientnet-lite0", "blip2-qformer", "clip"] = "efficientnet-lite0"
@@ -29,6 +41,12 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the frozen weights
     # Smoke tests: tiny random-init models (llm then names a family: llama | mistral | qwen2).
     random_init: bool = False
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+
+    def encoder_configs(self) -> dict[str, EncoderConfig]:
+        """Modality name -> encoder: the image encoder, then ``encoders``."""
+        image = EncoderConfig(self.vpg, self.vpg_path, self.vpg_layer, self.pool, self.feature_norm)
+        return {"image": image, **self.encoders}
 
     def __post_init__(self):
         if self.random_init and self.llm not in ("llama", "mistral", "qwen2"):
@@ -40,8 +58,17 @@ class ModelConfig:
                 raise ConfigError("vpg_layer: not for vpg blip2-qformer (its tokens are the Q-Former's queries)")
             if self.vpg == "efficientnet-lite0" and not -16 <= self.vpg_layer <= 15:
                 raise ConfigError(f"vpg_layer: an efficientnet-lite0 block index in 0..15, got {self.vpg_layer}")
+        if "image" in self.encoders:
+            raise ConfigError("encoders.image: the image encoder is set by vpg, vpg_path, vpg_layer and pool")
+        from .modalities import modality
+
+        for name in self.encoders:
+            try:
+                modality(name)
+            except ConfigError as e:
+                raise ConfigError(f"encoders.{name}: {e}") from None
         if self.pool is not None:
-            from ..vpg.efficientnet import feature_grid
+            from .vpg.efficientnet import feature_grid
 
             grid = feature_grid(self.vpg_layer) if self.vpg == "efficientnet-lite0" else None
             if grid is None or not 1 <= self.pool <= grid:
@@ -85,7 +112,7 @@ class DataConfig:
         if self.max_length < 8:
             raise ConfigError(f"max_length: must be >= 8, got {self.max_length}")
         if self.format == "scienceqa":
-            from ..data.prompts import parse_format
+            from .data.prompts import parse_format
 
             try:
                 parse_format(self.prompt_format)

@@ -1,0 +1,164 @@
+"""The one chat path: the library (:meth:`pill.vlm.PillVLM.chat`), ``pill chat`` and the web demo.
+
+:class:`ChatSession` holds a multi-turn conversation: each turn renders the whole history with the
+model's chat template (:func:`pill.data.prompts.render_chat`, exactly as training renders it),
+puts one placeholder in front of the prompt for each input given with that turn that the prompt
+does not mention, feeds every input of the conversation, in order, to the model, and streams
+the answer::
+
+    from pill.build import load_run
+    from pill.chat import ChatSession
+    session = ChatSession(load_run("runs/demo/finetune"))
+    session.ask("What colour is the circle?", ["shapes.png"], stream=print)
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from .errors import ConfigError, PillError
+from .modalities import modality
+
+
+class ChatSession:
+    """A multi-turn conversation with a :class:`~pill.vlm.PillVLM`.
+
+    Args:
+        vlm: a PillVLM with a tokenizer.
+        max_new_tokens: answer length limit per turn.
+        temperature: 0 for greedy decoding, > 0 to sample (with ``top_p``).
+        seed: seed of the sampling generator (sampling only).
+        template: chat template name or string (default: the tokenizer's own).
+        system_prompt: system message of the conversation (default: ``vlm.system_prompt``, which
+            :func:`~pill.build.load_run` sets to the run's; None there: the template's default).
+        history: earlier ``{role, content}`` turns (without inputs) to continue from.
+    """
+
+    def __init__(self, vlm, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: Optional[int] = None, template: Optional[str] = None, system_prompt: Optional[str] = None,
+                 history: Optional[Sequence[dict]] = None):
+        if vlm.processor is None:
+            raise PillError("the model has no tokenizer; build PillVLM with one")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {top_p}")
+        self.vlm = vlm
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.template = template
+        self.system_prompt = system_prompt if system_prompt is not None else getattr(vlm, "system_prompt", None)
+        self.generator = None
+        if seed is not None and temperature > 0:
+            import torch
+
+            self.generator = torch.Generator(device=vlm.device).manual_seed(seed)
+        self.messages: list[dict] = []
+        self.inputs: dict[str, list] = {}  # decoded inputs of the whole conversation, by modality, in order
+        if history:
+            self._check_history(history)
+            self.messages = [dict(m) for m in history]
+
+    @property
+    def images(self) -> list:
+        return self.inputs.get("image", [])
+
+    def clear(self) -> None:
+        """Forget the conversation (messages and inputs)."""
+        self.messages, self.inputs = [], {}
+
+    def _check_history(self, history: Sequence[dict]) -> None:
+        for m in self.vlm.modalities.values():
+            if any(m.placeholder in h.get("content", "") for h in history):
+                raise PillError(f"{m.label}s in earlier turns are not supported here; put them in the new prompt")
+
+    def _decode(self, name: str, items: Sequence) -> list:
+        m = modality(name)
+        if name == "image":
+            from PIL import Image
+
+            return [x if isinstance(x, Image.Image) else m.load(x) for x in items]
+        return [m.load(x) if isinstance(x, (str, bytes, bytearray)) else x for x in items]
+
+    def ask(self, prompt: str, images: Sequence = (), stream: Optional[Callable[[str], None]] = None,
+            inputs: Optional[dict[str, Sequence]] = None) -> str:
+        """Answer ``prompt`` about ``images`` (paths, bytes or PIL images) and ``inputs`` (other
+        modalities by name) given the history.
+
+        ``stream(piece)`` receives the answer text as it is produced; the pieces join to the
+        returned string. The turn is added to the history.
+        """
+        given = {**({k: list(v) for k, v in (inputs or {}).items()}), **({"image": list(images)} if images else {})}
+        decoded = {}
+        for name, items in given.items():
+            if name not in self.vlm.modalities:
+                raise PillError(f"this model reads no {name} inputs (its encoders: {', '.join(self.vlm.modalities)})")
+            decoded[name] = self._decode(name, items)
+            missing = len(items) - prompt.count(self.vlm.modalities[name].placeholder)
+            if missing > 0:
+                prompt = f"{self.vlm.modalities[name].placeholder}\n" * missing + prompt
+        messages = self.messages + [{"role": "user", "content": prompt}]
+        every = {n: self.inputs.get(n, []) + decoded.get(n, []) for n in set(self.inputs) | set(decoded)}
+        text = self._render(messages)
+        batch = self.vlm.processor([text], [every.get("image", [])],
+                                   inputs=[{n: v for n, v in every.items() if n != "image"}])
+        shown = self._generate(batch, stream)
+        self.messages = messages + [{"role": "assistant", "content": shown.strip()}]
+        self.inputs = every
+        return shown
+
+    def _render(self, messages: list[dict]) -> str:
+        from .data.prompts import render_chat
+
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        return render_chat(self.vlm.tokenizer, system + messages, self.template, add_generation_prompt=True)
+
+    def _generate(self, batch: dict, stream: Optional[Callable[[str], None]]) -> str:
+        import torch
+
+        tokenizer = self.vlm.tokenizer
+        eos = self.vlm.eos_token_ids()
+        tokens: list[int] = []
+        shown = ""
+        finished = False
+
+        def on_token(token: torch.Tensor) -> None:  # token: (1,)
+            nonlocal shown, finished
+            t = int(token[0])
+            if finished or t in eos:
+                finished = True
+                return
+            tokens.append(t)
+            now = tokenizer.decode(tokens, skip_special_tokens=True)
+            # a multi-byte character split across tokens decodes to U+FFFD until it is complete
+            if now.startswith(shown) and len(now) > len(shown) and not now.endswith("\ufffd"):
+                piece, shown = now[len(shown):], now
+                if stream is not None:
+                    stream(piece)
+
+        with torch.no_grad():
+            self.vlm.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                              temperature=self.temperature or 1.0, top_p=self.top_p, streamer=on_token,
+                              generator=self.generator)
+        final = tokenizer.decode(tokens, skip_special_tokens=True)
+        if final.startswith(shown) and len(final) > len(shown):
+            if stream is not None:
+                stream(final[len(shown):])
+            shown = final
+        return shown
+
+
+def chat_session(vlm, prompt: str, images: Sequence = (), *, max_new_tokens: int = 256, temperature: float = 0.0,
+                 stream: Optional[Callable[[str], None]] = None, **kwargs) -> str:
+    """Ask ``vlm`` one question about ``images`` (paths or PIL images); returns the answer text.
+
+    ``stream(piece)`` receives the answer as it is generated; the pieces join to the answer.
+    Further keyword arguments go to :class:`ChatSession` (``top_p``, ``seed``, ``template``).
+    """
+    return ChatSession(vlm, max_new_tokens=max_new_tokens, temperature=temperature, **kwargs).ask(
+        prompt, images, stream=stream)
+
+
+__all__ = ["ChatSession", "chat_session"]
