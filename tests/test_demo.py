@@ -25,12 +25,18 @@ def test_benchmark_is_reused_only_when_it_matches(tmp_path, capsys):
 
 @pytest.mark.embedded
 @pytest.mark.slow
-def test_quick_demo_writes_report_and_plots(tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_quick_demo_writes_report_and_plots(tmp_path, monkeypatch, capsys, precision):
+    """Both training precisions, on every CPU (bf16 is emulated, and slower, where the CPU lacks it)."""
     from pill.demo import DemoSettings, run_demo
 
+    monkeypatch.setenv("PILL_PRECISION", precision)
     st = DemoSettings(out=str(tmp_path / "demo"), n_train=16, n_test=8, align_steps=2, finetune_steps=2,
                       batch_size=4, max_new_tokens=16, quick=True)
     report = run_demo(st)
+    assert report["precision"] == {"name": precision, "reason": f"forced by PILL_PRECISION={precision}"}
+    printed = capsys.readouterr().out
+    assert f"precision: {precision} (forced by PILL_PRECISION={precision})" in printed
     out = tmp_path / "demo"
     saved = json.loads((out / "report.json").read_text())
     assert saved["accuracy_before"] == report["accuracy_before"]

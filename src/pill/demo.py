@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from .io import write_atomic
+
 CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"
 
 
@@ -71,101 +73,69 @@ def _per_category(result: dict, problems: dict) -> dict[str, float]:
     return {c: sum(v) / len(v) for c, v in sorted(right.items())}
 
 
+def resolve_settings(st: DemoSettings):
+    """The training precision and the settings the demo runs with (:data:`PRESETS` fill the gaps)."""
+    from .precision import resolve_precision
+
+    precision = resolve_precision(st.precision)
+    preset = PRESETS["float32" if precision.name == "float32" else "bf16"]
+    return precision, replace(st, **{k: v for k, v in preset.items() if getattr(st, k) is None})
+
+
+def stage_config(st: DemoSettings, precision, data: Path, out: Path, stage: str):
+    """The validated config of one demo stage: the shipped demo YAML with this run's settings."""
+    from .runconfig import load_config
+
+    name = "stage1_synth.yaml" if stage == "align" else "stage2_synth.yaml"
+    steps = st.align_steps if stage == "align" else st.finetune_steps
+    overrides = [f"train.seed={st.seed}", f"optim.max_steps={steps}", f"optim.batch_size={st.batch_size}",
+                 f"optim.micro_batch_size={st.batch_size}", f"train.mixed_precision={precision.mixed_precision}",
+                 f"model.pool={'null' if st.pool is None else st.pool}"]
+    if stage == "align":
+        overrides += [f"data.json={data / 'captions_llava.json'}", f"data.image_folder={data / 'images'}"]
+    else:
+        overrides += [f"data.root={data}", f"init_from={out / 'align'}"]
+    cfg = load_config(CONFIGS / name, overrides)
+    if cfg.data.mix_llava_json:  # a demo config that mixes the captions in
+        cfg.data.mix_llava_json = str(data / "captions_llava.json")
+        cfg.data.mix_image_folder = str(data / "images")
+    return cfg
+
+
 def run_demo(st: DemoSettings) -> dict:
     """Run the demo; returns the report written to ``<out>/report.json``."""
     import torch
 
-    from .data.scienceqa import load_problems
-    from .eval.evaluate import evaluate_scienceqa
-    from .eval.plots import plot_gates, plot_training, read_metrics
-    from .precision import resolve_precision
-    from .runconfig import TrainConfig, load_config
     from .build import build_vlm
-    from .train.loop import train
+    from .data.scienceqa import load_problems
 
     t0 = time.time()
-    precision = resolve_precision(st.precision)
-    preset = PRESETS["float32" if precision.name == "float32" else "bf16"]
-    st = replace(st, **{k: v for k, v in preset.items() if getattr(st, k) is None})
+    precision, st = resolve_settings(st)
     print(f"precision: {precision.describe()}; {st.n_train} training problems, "
           f"{st.align_steps} align + {st.finetune_steps} fine-tune steps")
     out = Path(st.out)
     out.mkdir(parents=True, exist_ok=True)
     data = _synth(out / "data", st)
-    problems = load_problems(data)
     timings: dict[str, float] = {}
-
-    def stage_config(stage: str) -> TrainConfig:
-        name = "stage1_synth.yaml" if stage == "align" else "stage2_synth.yaml"
-        steps = st.align_steps if stage == "align" else st.finetune_steps
-        overrides = [f"train.seed={st.seed}", f"optim.max_steps={steps}", f"optim.batch_size={st.batch_size}",
-                     f"optim.micro_batch_size={st.batch_size}", f"train.mixed_precision={precision.mixed_precision}",
-                     f"model.pool={'null' if st.pool is None else st.pool}"]
-        if stage == "align":
-            overrides += [f"data.json={data / 'captions_llava.json'}", f"data.image_folder={data / 'images'}"]
-        else:
-            overrides += [f"data.root={data}", f"init_from={out / 'align'}"]
-        return load_config(CONFIGS / name, overrides)
 
     torch.manual_seed(st.seed)
     t = time.time()
-    cfg2 = stage_config("finetune")
+    cfg2 = stage_config(st, precision, data, out, "finetune")
     vlm = build_vlm(cfg2)
-    timings["load_models"] = time.time() - t
-    fmt = cfg2.data.prompt_format
     vlm.system_prompt = cfg2.data.system_prompt  # as in training
-
-    def evaluate(tag: str) -> dict:
-        t = time.time()
-        res = evaluate_scienceqa(vlm, data, "test", prompt_format=fmt, batch_size=st.eval_batch_size,
-                                 mode=st.eval_mode, out_dir=out / f"eval-{tag}",
-                                 max_new_tokens=st.max_new_tokens if st.eval_mode == "generate" else None)
-        timings[f"eval_{tag}"] = time.time() - t
-        return res
+    timings["load_models"] = time.time() - t
 
     print("\n== 1/4 the untrained plugged model on the test split (its image pathway has learned nothing yet)")
-    before = evaluate("before")
-
-    runs = {}
-    for n, stage in enumerate(("align", "finetune"), start=2):
-        cfg = stage_config(stage)
-        print(f"\n== {n}/4 stage {stage}: {cfg.optim.max_steps} steps")
-        if cfg.data.mix_llava_json:  # a demo config that mixes the captions in
-            cfg.data.mix_llava_json = str(data / "captions_llava.json")
-            cfg.data.mix_image_folder = str(data / "images")
-        run_dir = out / stage
-        if (run_dir / "pill.safetensors").exists() or (run_dir / "checkpoints").exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
-        t = time.time()
-        train(cfg, run_dir, vlm=vlm)
-        timings[f"train_{stage}"] = time.time() - t
-        runs[stage] = run_dir
-
+    before = _evaluate(vlm, st, data, out, cfg2.data.prompt_format, "before", timings)
+    runs = _train_stages(vlm, st, precision, data, out, timings)
     print("\n== 4/4 the trained model on the same test split")
-    after = evaluate("after")
+    after = _evaluate(vlm, st, data, out, cfg2.data.prompt_format, "after", timings)
+    _figures(vlm, st, data, out, cfg2.data.prompt_format, runs)
 
-    # gates (the paper's Figure 4) on a sample batch of test images; loss curves of both stages
-    from .data.collate import Collator, prompt_items
-    from .data.scienceqa import load_scienceqa
-
-    sample = load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False,
-                            system_prompt=vlm.system_prompt)
-    batch = Collator(vlm.processor, padding_side="left")(prompt_items(sample, vlm.processor))
-    gates = vlm.measure_gates(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask",
-                                                                          "modality_ids", "pixel_values")})
-    (runs["finetune"] / "gates.json").write_text(json.dumps(gates))
-    plot_gates(gates["mean_abs_gate"], out / "gates.png", layers=gates["layers"],
-               title="mean |tanh(gate)| of image tokens per layer (stage 2)")
-    records = read_metrics(runs["align"] / "metrics.jsonl") + [
-        {**r, "step": r["step"] + st.align_steps} for r in read_metrics(runs["finetune"] / "metrics.jsonl")]
-    plot_training(records, out / "loss.png", title="pill demo: stage 1 (align) then stage 2 (fine-tune)")
-
-    cats_before, cats_after = _per_category(before, problems), _per_category(after, problems)
+    problems = load_problems(data)
     report = {
         "accuracy_before": before["Avg"] / 100, "accuracy_after": after["Avg"] / 100,
-        "per_type_before": cats_before, "per_type_after": cats_after,
+        "per_type_before": _per_category(before, problems), "per_type_after": _per_category(after, problems),
         "chance": _chance(problems, before["predictions"]),
         "test_problems": after["count"], "eval_mode": st.eval_mode,
         "wall_seconds": time.time() - t0, "timings_seconds": timings,
@@ -175,9 +145,59 @@ def run_demo(st: DemoSettings) -> dict:
         "files": {"gates_plot": str(out / "gates.png"), "loss_plot": str(out / "loss.png"),
                   "eval_before": str(out / "eval-before"), "eval_after": str(out / "eval-after")},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
     print(format_report(report))
     return report
+
+
+def _evaluate(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, tag: str, timings: dict) -> dict:
+    from .eval.evaluate import evaluate_scienceqa
+
+    t = time.time()
+    res = evaluate_scienceqa(vlm, data, "test", prompt_format=fmt, batch_size=st.eval_batch_size,
+                             mode=st.eval_mode, out_dir=out / f"eval-{tag}",
+                             max_new_tokens=st.max_new_tokens if st.eval_mode == "generate" else None)
+    timings[f"eval_{tag}"] = time.time() - t
+    return res
+
+
+def _train_stages(vlm, st: DemoSettings, precision, data: Path, out: Path, timings: dict) -> dict[str, Path]:
+    """Stage 1 then stage 2 on ``vlm``, each into a fresh run directory under ``out``."""
+    import shutil
+
+    from .train.loop import train
+
+    runs = {}
+    for n, stage in enumerate(("align", "finetune"), start=2):
+        cfg = stage_config(st, precision, data, out, stage)
+        print(f"\n== {n}/4 stage {stage}: {cfg.optim.max_steps} steps")
+        run_dir = out / stage
+        if (run_dir / "pill.safetensors").exists() or (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir)
+        t = time.time()
+        train(cfg, run_dir, vlm=vlm)
+        timings[f"train_{stage}"] = time.time() - t
+        runs[stage] = run_dir
+    return runs
+
+
+def _figures(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, runs: dict[str, Path]) -> None:
+    """The gates (the paper's Figure 4) on a sample batch of test images; the loss curves of both stages."""
+    from .data.collate import Collator, prompt_items
+    from .data.scienceqa import load_scienceqa
+    from .eval.plots import plot_gates, plot_training, read_metrics
+
+    sample = load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False,
+                            system_prompt=vlm.system_prompt)
+    batch = Collator(vlm.processor, padding_side="left")(prompt_items(sample, vlm.processor))
+    keys = {"input_ids", "attention_mask", "modality_ids"} | {m.inputs_key for m in vlm.modalities.values()}
+    gates = vlm.measure_gates(**{k: v for k, v in batch.items() if k in keys})
+    write_atomic(runs["finetune"] / "gates.json", json.dumps(gates))
+    plot_gates(gates["mean_abs_gate"], out / "gates.png", layers=gates["layers"],
+               title="mean |tanh(gate)| of image tokens per layer (stage 2)")
+    records = read_metrics(runs["align"] / "metrics.jsonl") + [
+        {**r, "step": r["step"] + st.align_steps} for r in read_metrics(runs["finetune"] / "metrics.jsonl")]
+    plot_training(records, out / "loss.png", title="pill demo: stage 1 (align) then stage 2 (fine-tune)")
 
 
 def _chance(problems: dict, predictions: dict) -> float:
