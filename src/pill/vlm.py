@@ -13,7 +13,7 @@ from .inject import PREFIX, PillValueProj, _group, is_plugged, plug, set_stage a
 from .config import PillConfig
 from .errors import DataError
 from .processor import IMAGE, PillProcessor
-from .vpg import VisualPromptGenerator
+from .encoders import VisualPromptGenerator
 
 
 @dataclass
@@ -81,7 +81,7 @@ class PillVLM(nn.Module):
 
     Args:
         llm: a Hugging Face causal LM (LLaMA, Mistral or Qwen2 family); it is frozen and plugged.
-        vpg: a frozen :class:`~pill.vpg.VisualPromptGenerator`.
+        vpg: a frozen :class:`~pill.encoders.VisualPromptGenerator`.
         tokenizer: the LLM's tokenizer (optional; needed for :meth:`chat` and the processor).
         config: the plug-in configuration.
         feature_norm: standardise the VPG features per channel before the projector
@@ -117,13 +117,13 @@ class PillVLM(nn.Module):
                         feature_norm: bool = False) -> "PillVLM":
         """Load an LLM (embedded default, folder or hub id) and a VPG by name, and plug them together.
 
-        ``vpg_layer``: which VPG layer gives the tokens (:func:`~pill.vpg.load_vpg`)."""
+        ``vpg_layer``: which VPG layer gives the tokens (:func:`~pill.encoders.load_encoder`)."""
         from .models import load_llm, load_tokenizer
-        from .vpg import load_vpg
+        from .encoders import load_encoder
 
         model = load_llm(llm, dtype=dtype, device=device)
         tok = load_tokenizer(llm)
-        v = load_vpg(vpg, vpg_path, pool=pool, layer=vpg_layer).to(device)
+        v = load_encoder(vpg, vpg_path, pool=pool, layer=vpg_layer).to(device)
         return cls(model, v, tok, config, feature_norm=feature_norm)
 
     @property

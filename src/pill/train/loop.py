@@ -85,10 +85,10 @@ def build_vlm(cfg: TrainConfig, device: str = "cpu"):
     m = cfg.model
     if m.random_init:
         from ..models import build_llm_from_config, load_tokenizer
-        from ..vpg.efficientnet import EfficientNetVPG
+        from ..encoders import load_encoder
 
         torch.manual_seed(0)
-        vpg = EfficientNetVPG(pretrained=False, pool=m.pool, layer=m.vpg_layer)
+        vpg = load_encoder(m.vpg, m.vpg_path, layer=m.vpg_layer, pool=m.pool, pretrained=False)
         llm = build_llm_from_config(m.llm, seed=0)
         torch.manual_seed(cfg.train.seed)
         return PillVLM(llm, vpg, load_tokenizer(), cfg.pill, feature_norm=m.feature_norm).to(device)
