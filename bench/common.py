@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pill.vpg.base import VisualPromptGenerator
+from pill.encoders import VisualPromptGenerator
 
 EMBEDDED_LLM = "smollm2-135m-instruct"
 EMBEDDED_VPG = dict(num_tokens=49, dim=1280)  # EfficientNet-Lite0: 7 x 7 tokens of width 1280

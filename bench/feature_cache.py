@@ -64,7 +64,7 @@ def bench_feature_cache(model: str, device: torch.device, n_images: int, batch_s
     from pill.models import load_tokenizer
     from pill.processor import Encoded
     from pill.vlm import PillVLM
-    from pill.vpg.efficientnet import EfficientNetVPG
+    from pill.encoders.efficientnet import EfficientNetVPG
 
     torch.manual_seed(0)
     vpg = EfficientNetVPG(pretrained=model == "embedded", pool=None if model == "embedded" else 4).to(device)

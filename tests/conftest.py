@@ -31,7 +31,7 @@ def tiny_llm():
 
 @pytest.fixture
 def tiny_vpg():
-    from pill.vpg.efficientnet import EfficientNetVPG
+    from pill.encoders.efficientnet import EfficientNetVPG
 
     torch.manual_seed(0)
     return EfficientNetVPG(pretrained=False, pool=2)  # 4 tokens of width 1280

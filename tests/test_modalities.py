@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from pill.errors import ConfigError, DataError
 from pill.modalities import IMAGE, TEXT, Modality, modality, next_free_id, register_modality, unregister_modality
-from pill.vpg import VisualPromptGenerator
+from pill.encoders import Encoder, EncoderEntry, register_encoder, unregister_encoder
 
 PROBE_DIM, PROBE_TOKENS = 8, 3
 
@@ -23,17 +23,23 @@ def load_probe(ref, name=None):
         raise DataError(f"{name or ref}: not a probe reading ({e})") from None
 
 
-class ProbeEncoder(VisualPromptGenerator):
+class ProbeEncoder(Encoder):
     """A frozen random map from an 8-vector to 3 tokens of width 16."""
 
     name = "tiny-probe"
+    modality = "probe"
     num_tokens = PROBE_TOKENS
     dim = 16
 
     def __init__(self):
         super().__init__()
+        torch.manual_seed(1)
         self.proj = nn.Linear(PROBE_DIM, PROBE_TOKENS * self.dim)
         self.freeze()
+
+    @classmethod
+    def build(cls, path, layer, pool, pretrained):
+        return cls()
 
     def preprocess(self, readings):
         return torch.from_numpy(np.stack(readings))  # (N, 8)
@@ -49,20 +55,12 @@ def probe():
     unregister_modality("probe")
 
 
-@pytest.fixture
-def probe_encoder(monkeypatch, probe):
-    """Configs that name the encoder ``tiny-probe`` get a ProbeEncoder."""
-    import pill.build as build
-
-    real = build.load_encoder_from_config
-
-    def load(enc, pretrained=True):
-        if enc.name == "tiny-probe":
-            torch.manual_seed(1)
-            return ProbeEncoder()
-        return real(enc, pretrained=pretrained)
-
-    monkeypatch.setattr(build, "load_encoder_from_config", load)
+@pytest.fixture(scope="module")
+def probe_encoder(probe):
+    """The encoder ``tiny-probe``, registered as a plug-in package would register its own."""
+    register_encoder(EncoderEntry("tiny-probe", "probe", ProbeEncoder))
+    yield
+    unregister_encoder("tiny-probe")
 
 
 def write_data(root: Path, n: int = 12) -> Path:

@@ -175,7 +175,7 @@ def test_feature_cache_invalidation(tmp_path, synth_root):
     from PIL import Image
 
     from pill.train.features import FeatureCache, content_key
-    from pill.vpg.efficientnet import EfficientNetVPG
+    from pill.encoders.efficientnet import EfficientNetVPG
 
     torch.manual_seed(0)
     vpg = EfficientNetVPG(pretrained=False, pool=1)
@@ -200,7 +200,7 @@ def test_runs_sharing_a_feature_cache_keep_each_others_entries(tmp_path):
     from PIL import Image
 
     from pill.train.features import FeatureCache, content_key
-    from pill.vpg.efficientnet import EfficientNetVPG
+    from pill.encoders.efficientnet import EfficientNetVPG
 
     torch.manual_seed(0)
     vpg = EfficientNetVPG(pretrained=False, pool=1)
@@ -350,7 +350,7 @@ def test_feature_norm_is_fitted_on_training_images_and_kept_by_the_next_stage(tm
     assert w1["pill_projector.image.weight"].shape[1] == w1["pill_feature_norm.image.mean"].numel() == 112
     # the statistics are those of the VPG's features of the training images
     from pill.data.images import load_image
-    from pill.vpg.efficientnet import EfficientNetVPG
+    from pill.encoders.efficientnet import EfficientNetVPG
 
     torch.manual_seed(0)
     vpg = EfficientNetVPG(pretrained=False, pool=3, layer=10)

@@ -146,61 +146,6 @@ def test_params_cli_json(capsys):
     assert parts["projector"] == 112 * 576
 
 
-def test_blip2_vpg_from_local_checkpoint(tmp_path):
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
-
-    from pill.vpg import load_vpg
-
-    cfg = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=14),
-        qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                            encoder_hidden_size=32),
-        text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=100, word_embed_proj_dim=32),
-        num_query_tokens=5)
-    torch.manual_seed(0)
-    ref = Blip2ForConditionalGeneration(cfg).eval()
-    ref.save_pretrained(tmp_path)
-    vpg = load_vpg("blip2-qformer", str(tmp_path))
-    assert (vpg.num_tokens, vpg.dim) == (5, 32)
-    pix = vpg.preprocess([_img(), _img((0, 0, 0))])
-    assert pix.shape == (2, 3, 28, 28)
-    with torch.no_grad():
-        out = vpg(pix)
-        expected = ref.get_qformer_features(pixel_values=pix) if hasattr(ref, "get_qformer_features") else None
-    assert out.shape == (2, 5, 32)
-    if expected is not None:
-        exp = expected.last_hidden_state if hasattr(expected, "last_hidden_state") else expected[0]
-        assert torch.allclose(out, exp, atol=1e-5)
-    assert not any(p.requires_grad for p in vpg.parameters())
-
-
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_clip_and_siglip_patch_tokens(tmp_path, kind):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
-
-    from pill.vpg import load_vpg
-
-    args = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=32, patch_size=8)
-    model = CLIPVisionModel(CLIPVisionConfig(**args)) if kind == "clip" else SiglipVisionModel(SiglipVisionConfig(**args))
-    model.save_pretrained(tmp_path)
-    vpg = load_vpg("clip", str(tmp_path))
-    assert (vpg.num_tokens, vpg.dim) == (16, 32)
-    assert vpg(vpg.preprocess([_img()])).shape == (1, 16, 32)
-
-
-def test_unknown_vpg_and_missing_path():
-    from pill.errors import PillError
-    from pill.vpg import load_vpg
-
-    with pytest.raises(PillError, match="choose one of"):
-        load_vpg("resnet")
-    with pytest.raises(PillError, match="needs a path"):
-        load_vpg("blip2-qformer")
-
-
 def test_vpg_image_modes_are_handled(tmp_path, tiny_vpg):
     from pill.data.images import load_image
 
@@ -229,23 +174,6 @@ def test_embedded_smollm2_text_only_equals_base(embedded_llm, tokenizer):
             unplug(embedded_llm)
     assert (plugged - base).abs().max().item() <= 1e-5
     assert embedded_llm.config.num_hidden_layers == 30 and embedded_llm.config.num_key_value_heads == 3
-
-
-@pytest.mark.embedded
-def test_embedded_efficientnet_recognises_a_photo():
-    import os
-
-    import matplotlib
-
-    from pill.data.images import load_image
-    from pill.vpg.efficientnet import EfficientNetVPG
-
-    vpg = EfficientNetVPG()
-    img = load_image(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"))
-    with torch.no_grad():
-        logits = vpg.net.classify(vpg.preprocess([img]))
-    assert int(logits.argmax()) == 652  # ImageNet "military uniform"
-    assert vpg(vpg.preprocess([img])).shape == (1, 49, 1280)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_vlm):
@@ -334,38 +262,6 @@ def test_cpu_bf16_autocast_training_step(tiny_vlm):
     assert torch.isfinite(out.loss)
     grads = [p.grad for n, p in tiny_vlm.named_parameters() if "pill_" in n]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
-
-
-def test_efficientnet_block_taps():
-    from pill.errors import PillError
-    from pill.vpg import load_vpg
-    from pill.vpg.efficientnet import EfficientNetVPG, feature_grid
-
-    torch.manual_seed(0)
-    head = EfficientNetVPG(pretrained=False)
-    b10 = EfficientNetVPG(pretrained=False, layer=10)
-    b10.net.load_state_dict(head.net.state_dict())
-    pix = head.preprocess([_img(), _img((0, 0, 255))])
-    assert (b10.num_tokens, b10.dim, b10.name) == (196, 112, "efficientnet-lite0-block10")
-    with torch.no_grad():
-        out = b10(pix)
-        # block 10's output is an intermediate of the head's computation
-        x = torch.nn.functional.relu6(head.net._conv_stem(pix))
-        for blk in head.net._blocks[:11]:
-            x = blk(x)
-    assert out.shape == (2, 196, 112)
-    assert torch.allclose(out, x.flatten(2).transpose(1, 2), atol=1e-5)
-    pooled = EfficientNetVPG(pretrained=False, layer=-1, pool=3)  # the last block: 320 x 7 x 7
-    assert (pooled.num_tokens, pooled.dim, pooled(pix).shape) == (9, 320, (2, 9, 320))
-    assert [feature_grid(k) for k in (None, 0, 1, 3, 5, 10, 11, 15)] == [7, 112, 56, 28, 14, 14, 7, 7]
-    assert load_vpg("efficientnet-lite0", pretrained=False, layer=10, pool=4).num_tokens == 16
-    assert head.fingerprint() != EfficientNetVPG(pretrained=False, layer=15).fingerprint()
-    with pytest.raises(PillError, match="block index in 0..15"):
-        EfficientNetVPG(pretrained=False, layer=16)
-    with pytest.raises(PillError, match=r"between 1 and the feature grid \(7\)"):
-        EfficientNetVPG(pretrained=False, pool=8)
-    with pytest.raises(PillError, match="no layer choice"):
-        load_vpg("blip2-qformer", "somewhere", layer=3)
 
 
 def test_feature_norm_standardises_and_travels_with_the_weights(tiny_llm, tiny_vpg, tokenizer):

@@ -120,7 +120,7 @@ def tiny_demo_vlm():
 
     from pill.models import build_llm_from_config, load_tokenizer
     from pill.vlm import PillVLM
-    from pill.vpg.efficientnet import EfficientNetVPG
+    from pill.encoders.efficientnet import EfficientNetVPG
 
     torch.manual_seed(0)
     return PillVLM(build_llm_from_config("llama"), EfficientNetVPG(pretrained=False, pool=2), load_tokenizer())

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 
 def load_encoder_from_config(enc: EncoderConfig, *, pretrained: bool = True) -> "torch.nn.Module":
     """The frozen encoder an :class:`~pill.runconfig.EncoderConfig` names."""
-    from .vpg import load_vpg
+    from .encoders import load_encoder
 
-    return load_vpg(enc.name, enc.path, pool=enc.pool, layer=enc.layer, pretrained=pretrained)
+    return load_encoder(enc.name, enc.path, layer=enc.layer, pool=enc.pool, pretrained=pretrained)
 
 
 def build_vlm(cfg: TrainConfig, device: str = "cpu"):

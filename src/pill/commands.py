@@ -15,10 +15,12 @@ def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: 
     """Trainable-parameter table of a PILL model built on the meta device (no weights, no download).
 
     ``llm``: a preset (``llama2-7b``, ``smollm2-135m``), ``smollm2-135m-instruct`` or any Hugging Face
-    folder / hub id (only its config is read). ``vpg``: ``blip2-qformer``, ``efficientnet-lite0``
-    (``vpg_layer``: its block whose output the projector reads; default the head).
+    folder / hub id (only its config is read). ``vpg``: a registered encoder with a meta-device preset
+    (:func:`~pill.encoders.meta_encoder`: ``blip2-qformer``, ``efficientnet-lite0``, ``clip``, ``dinov2``);
+    ``vpg_layer``: its layer whose output the projector reads (EfficientNet: a block; default the head).
     Returns ``{"llm", "vpg", "stage", "rows": [...], "trainable": int}``.
     """
+    from .encoders import meta_encoder
     from .models import LLM_PRESETS, build_llm_from_config, build_llm_preset
     from .vlm import PillVLM
 
@@ -33,17 +35,7 @@ def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: 
             cfg = AutoConfig.from_pretrained(llm)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(cfg)
-    if vpg == "blip2-qformer":
-        from .vpg.blip2 import Blip2VPG
-
-        v = Blip2VPG.from_preset("meta")
-    elif vpg == "efficientnet-lite0":
-        from .vpg.efficientnet import EfficientNetVPG
-
-        with torch.device("meta"):
-            v = EfficientNetVPG(pretrained=False, layer=vpg_layer)
-    else:
-        raise PillError(f"params: unknown vpg {vpg!r}; choose blip2-qformer or efficientnet-lite0")
+    v = meta_encoder(vpg, layer=vpg_layer)
     with torch.device("meta"):
         vlm = PillVLM(model, v, None, config or PillConfig())
     vlm.set_stage(stage)
@@ -63,11 +55,12 @@ def _params(args) -> int:
     from .cli import print_json
 
     from .config import _coerce
+    from .encoders import get_encoder
 
     raw = _load_yaml(args.config) if args.config else {}
     cfg = PillConfig.from_dict(raw.get("pill", {}))
     layer = _coerce((raw.get("model") or {}).get("vpg_layer"), Optional[int], "model.vpg_layer") \
-        if args.vpg == "efficientnet-lite0" else None
+        if get_encoder(args.vpg).layer_hint is not None else None
     result = count_parameters(args.llm, args.vpg, args.stage, cfg, vpg_layer=layer)
     if args.json:
         print_json(result)
@@ -117,11 +110,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
+    from .encoders import encoder_names, get_encoder
+
     p = sub.add_parser("params", help="trainable-parameter table (built on the meta device, no download)")
     p.add_argument("--llm", default="llama2-7b", help="preset (llama2-7b, smollm2-135m), HF folder or hub id")
-    p.add_argument("--vpg", default="blip2-qformer", choices=["blip2-qformer", "efficientnet-lite0"])
+    p.add_argument("--vpg", default="blip2-qformer", choices=[n for n in encoder_names() if get_encoder(n).meta],
+                   help="encoder (its meta-device preset shapes; default blip2-qformer)")
     p.add_argument("--stage", default="finetune", choices=["align", "finetune"])
     p.add_argument("--config", help="YAML file whose 'pill:' section sets the plug-in config (and 'model: vpg_layer' "
-                                    "the EfficientNet block)")
+                                    "the encoder layer, e.g. the EfficientNet block)")
     p.add_argument("--json", action="store_true", help="print JSON (field 'trainable' is the total)")
     p.set_defaults(func=_params)

@@ -28,11 +28,11 @@ class ModelConfig:
     encoder; ``encoders`` adds the encoders of further modalities, by modality name."""
 
     llm: str = "smollm2-135m-instruct"  # embedded default, HF folder or hub id
-    vpg: Literal["efficientnet-lite0", "blip2-qformer", "clip"] = "efficientnet-lite0"
-    vpg_path: Optional[str] = None  # BLIP-2 / CLIP checkpoint folder or hub id
+    vpg: str = "efficientnet-lite0"  # a registered encoder (pill.encoders.encoder_names())
+    vpg_path: Optional[str] = None  # checkpoint folder or hub id, for the encoders that need one (BLIP-2, CLIP, DINOv2)
     pool: Optional[int] = None  # EfficientNet only: pool the feature grid to pool x pool tokens
     # Which VPG layer gives the tokens. EfficientNet: a block index 0-15 (null: the head, 7x7x1280;
-    # 10: 14x14x112); CLIP: a hidden-state index (null: -2, as LLaVA).
+    # 10: 14x14x112); CLIP, DINOv2: a hidden-state index (null: -2, as LLaVA).
     vpg_layer: Optional[int] = None
     # Standardise the VPG features per channel (statistics of the training images, fitted when a
     # run starts without init_from, stored with the trained tensors). Not in the paper; needed for
@@ -49,31 +49,21 @@ class ModelConfig:
         return {"image": image, **self.encoders}
 
     def __post_init__(self):
+        from .encoders import validate_encoder_settings
+
         if self.random_init and self.llm not in ("llama", "mistral", "qwen2"):
             raise ConfigError(f"llm: with random_init it names a family (llama, mistral, qwen2), got {self.llm!r}")
-        if self.vpg in ("blip2-qformer", "clip") and not self.vpg_path:
-            raise ConfigError(f"vpg_path: required for vpg {self.vpg!r} (a checkpoint folder or hub id)")
-        if self.vpg_layer is not None:
-            if self.vpg == "blip2-qformer":
-                raise ConfigError("vpg_layer: not for vpg blip2-qformer (its tokens are the Q-Former's queries)")
-            if self.vpg == "efficientnet-lite0" and not -16 <= self.vpg_layer <= 15:
-                raise ConfigError(f"vpg_layer: an efficientnet-lite0 block index in 0..15, got {self.vpg_layer}")
+        validate_encoder_settings(self.vpg, self.vpg_path, self.vpg_layer, self.pool)
         if "image" in self.encoders:
             raise ConfigError("encoders.image: the image encoder is set by vpg, vpg_path, vpg_layer and pool")
         from .modalities import modality
 
-        for name in self.encoders:
+        for name, enc in self.encoders.items():
             try:
                 modality(name)
+                validate_encoder_settings(enc.name, enc.path, enc.layer, enc.pool)
             except ConfigError as e:
                 raise ConfigError(f"encoders.{name}: {e}") from None
-        if self.pool is not None:
-            from .vpg.efficientnet import feature_grid
-
-            grid = feature_grid(self.vpg_layer) if self.vpg == "efficientnet-lite0" else None
-            if grid is None or not 1 <= self.pool <= grid:
-                raise ConfigError(f"pool: only for vpg efficientnet-lite0, between 1 and its feature grid "
-                                  f"({grid or 7} for vpg_layer {self.vpg_layer})")
 
 
 @dataclass

