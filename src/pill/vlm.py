@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .inject import PREFIX, PillValueProj, _group, is_plugged, plug, set_stage as _set_llm_stage
+from .plug import PREFIX, PillValueProj, is_plugged, parameter_groups, plug, set_stage as _set_llm_stage
 from .config import PillConfig
 from .errors import DataError
 from .processor import IMAGE, PillProcessor
@@ -205,13 +205,14 @@ class PillVLM(nn.Module):
         groups: dict[str, list[int]] = {}
         names = {"attn_adapter": "attention-input adapters", "gate": "attention gates (MAG)",
                  "projector": "projector"}
+        group_of = {id(p): g for g, ps in parameter_groups(self).items() for _, p in ps}
         for n, p in self.named_parameters():
             if PREFIX in n:
-                g = _group(n)
-                if g.startswith("expert_"):
-                    m = int(g.split("_")[1])
+                g = group_of.get(id(p), "projector" if n.startswith("pill_projector.") else "other")
+                if g.startswith("expert:"):
+                    m = g.split(":")[1]
                     label = "FFN adapter (shared, no MoMAE)" if not self.pill_config.momae else \
-                        {0: "L-experts (text)", 1: "V-experts (image)"}.get(m, f"experts (modality {m})")
+                        {"0": "L-experts (text)", "1": "V-experts (image)"}.get(m, f"experts (modality {m})")
                 else:
                     label = names.get(g, g)
             elif n.startswith("vpg."):

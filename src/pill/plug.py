@@ -1,19 +1,29 @@
-"""Inject the PILL plug-ins into a Hugging Face causal LM, and take them out again.
+"""Plug the PILL plug-ins into a Hugging Face causal LM, and take them out again.
 
-Per plugged decoder layer (design note, section 2)::
+Per plugged decoder layer (design note, section 2), at the paths the family's row of
+:data:`pill.families.FAMILIES` gives (LLaMA's shown)::
 
     a   = n1 + A_attn(n1)          # input_layernorm   -> PillAttnInput
-    v   = MAG(a, v_proj(a))        # self_attn.v_proj  -> PillValueProj
+    v   = MAG(a, v_proj(a))        # self_attn.v_proj  -> PillValueProj (or the v slice of qkv_proj)
     e   = n2 + Expert[m](n2)       # post_attention_layernorm -> PillFFNInput
 
 The model's own attention and MLP code run unchanged: pill only wraps three
 existing submodules per layer, so fused attention (SDPA, flash) stays in use.
 Per-token modality ids reach the wrappers through a shared :class:`PillState`,
 set by a forward pre-hook on the decoder that takes a ``modality_ids=`` keyword.
+
+Each plug-in declares the parameter group of its parameters (``pill_parameter_groups()``:
+``attn_adapter``, ``expert:<modality id>`` or ``expert:shared``, ``gate``);
+:func:`parameter_groups` collects them and :func:`set_stage` trains the groups a row of
+:data:`STAGES` names.
 """
 from __future__ import annotations
 
+import sys
+import types
+
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Optional
 
 import torch
@@ -21,13 +31,37 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import PillConfig
-from .errors import UnsupportedModelError
+from .errors import ConfigError, DataError
+from .families import Family, family_of
 from .modules import ModalityAttentionGate, ModalityExperts, build_adapter
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 PREFIX = "pill_"
-STAGES = ("align", "finetune")
 TEXT, IMAGE = 0, 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What trains in a stage (design note, section 4).
+
+    ``train`` / ``freeze``: patterns (fnmatch) of parameter groups; a group trains when it
+    matches ``train`` and not ``freeze``. ``{text}`` in a pattern stands for the text
+    modality id. ``gate``: MAG is applied (else visual values pass ungated). ``swap_last``: in
+    the last plugged layer text tokens go to the aligned modality's expert (and that
+    modality's tokens to the text expert), since the last layer's FFN output at non-text
+    positions never reaches the loss.
+    """
+
+    train: tuple[str, ...]
+    freeze: tuple[str, ...] = ()
+    gate: bool = True
+    swap_last: bool = False
+
+
+STAGES: dict[str, Stage] = {
+    # projector (in PillVLM) + the experts of every non-text modality (or the one shared adapter)
+    "align": Stage(train=("expert:*",), freeze=("expert:{text}",), gate=False, swap_last=True),
+    "finetune": Stage(train=("*",)),  # projector + every plug-in
+}
 
 
 @dataclass
@@ -36,7 +70,8 @@ class PillState:
 
     modality_ids: Optional[torch.Tensor] = None  # (B, T) long; None = all text
     gate_enabled: bool = True  # False in the align stage: values of visual tokens pass ungated
-    swap_last: bool = False  # align stage: last layer routes text tokens to the image expert
+    swap_last: bool = False  # align stage: last layer routes text tokens to the aligned modality's expert
+    align_modality: int = IMAGE  # the modality whose expert receives the text tokens when swap_last
     stage: Optional[str] = None
     # Training: recompute norm + plug-in in the backward pass instead of keeping their inputs and
     # internals (about 0.1x less activation memory for a few per cent more time).
@@ -59,6 +94,7 @@ class PillHandle:
     config: PillConfig
     state: PillState
     layers: list[int]
+    family: Family = field(default_factory=Family)
     replaced: dict[str, nn.Module] = field(default_factory=dict)  # qualified name -> original module
     requires_grad: dict[str, bool] = field(default_factory=dict)
     hook: Optional[torch.utils.hooks.RemovableHandle] = None
@@ -81,7 +117,7 @@ def _modality_ids(state: PillState, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The (B, T) modality ids of the current forward (checked against ``x``), or None."""
     m = state.modality_ids
     if m is not None and m.shape != x.shape[:2]:
-        raise ValueError(
+        raise DataError(
             f"modality_ids has shape {tuple(m.shape)} but the hidden states have (batch, length) "
             f"{tuple(x.shape[:2])}; pass one modality id per input token"
         )
@@ -89,13 +125,16 @@ def _modality_ids(state: PillState, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 class PillAttnInput(nn.Module):
-    """Wraps ``input_layernorm``: ``a = n1 + A_attn(n1)`` (the adapter is shared by all modalities)."""
+    """Wraps the attention-input norm: ``a = n1 + A_attn(n1)`` (the adapter is shared by all modalities)."""
 
     def __init__(self, base: nn.Module, adapter: nn.Module, state: PillState):
         super().__init__()
         self.base = base
         self.pill_adapter = adapter
         self._state = [state]  # a list keeps the state out of nn.Module's attribute machinery
+
+    def pill_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        return {"attn_adapter": [(f"pill_adapter.{n}", p) for n, p in self.pill_adapter.named_parameters()]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         return _maybe_recompute(self._state[0], self._forward, x)
@@ -106,7 +145,7 @@ class PillAttnInput(nn.Module):
 
 
 class PillFFNInput(nn.Module):
-    """Wraps ``post_attention_layernorm``: ``e = n2 + Expert[m](n2)`` (MoMAE)."""
+    """Wraps the FFN-input norm: ``e = n2 + Expert[m](n2)`` (MoMAE)."""
 
     def __init__(self, base: nn.Module, experts: ModalityExperts, state: PillState, is_last: bool):
         super().__init__()
@@ -120,11 +159,12 @@ class PillFFNInput(nn.Module):
         mods = _modality_ids(state, x)
         if mods is not None:
             if state.swap_last and self.is_last:
-                # The last layer's FFN output at image positions never reaches the loss:
-                # route text tokens to the image expert so that it still learns.
-                mods = torch.where(mods == TEXT, IMAGE, torch.where(mods == IMAGE, TEXT, mods))
+                # The last layer's FFN output at non-text positions never reaches the loss:
+                # route text tokens to the aligned modality's expert so that it still learns.
+                a = state.align_modality
+                mods = torch.where(mods == TEXT, a, torch.where(mods == a, TEXT, mods))
         elif state.swap_last and self.is_last:
-            mods = torch.full(x.shape[:2], IMAGE, dtype=torch.long, device=x.device)
+            mods = torch.full(x.shape[:2], state.align_modality, dtype=torch.long, device=x.device)
         # the routing is fixed now, so a recomputation sends each token where this pass did
         return _maybe_recompute(state, self._forward, x, mods)
 
@@ -134,35 +174,36 @@ class PillFFNInput(nn.Module):
 
 
 class PillValueProj(nn.Module):
-    """Wraps ``self_attn.v_proj``: values of non-text tokens are scaled per KV head by ``tanh(g)``."""
+    """Wraps the value projection: values of non-text tokens are scaled per KV head by ``tanh(g)``.
 
-    def __init__(self, base: nn.Module, gate: ModalityAttentionGate, state: PillState):
+    ``value_width``: with a fused ``[q | k | v]`` projection, the width of the v slice (the last
+    ``n_kv * head_dim`` outputs); only that slice is gated, in place, q and k are not copied.
+    ``None``: ``base`` produces the values alone (``v_proj``)."""
+
+    def __init__(self, base: nn.Module, gate: ModalityAttentionGate, state: PillState,
+                 value_width: Optional[int] = None):
         super().__init__()
         self.base = base
         self.pill_gate = gate
+        self.value_width = value_width
         self._state = [state]
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code inspects v_proj.weight (dtype, device)
         return self.base.weight
 
-    def forward(self, a: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, n_kv * head_dim)
-        v = self.base(a)
+    def forward(self, a: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, n_kv * head_dim) or [q | k | v]
+        out = self.base(a)
         state = self._state[0]
-        if not state.gate_enabled:
-            return v
-        if _modality_ids(state, a) is None:
-            return v
-        return self.pill_gate(a, v, rows=state.visual_rows())
+        if not state.gate_enabled or _modality_ids(state, a) is None:
+            return out
+        if self.value_width is None:
+            return self.pill_gate(a, out, rows=state.visual_rows())
+        self.pill_gate(a, out[..., -self.value_width:], rows=state.visual_rows())  # gates the v slice in place
+        return out
 
 
 def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    cls = type(model).__name__
-    if cls not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"pill cannot plug into {cls}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(decoder layers with input_layernorm, self_attn.v_proj and post_attention_layernorm)"
-        )
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     return decoder, decoder.layers
 
@@ -171,11 +212,19 @@ def is_plugged(model: nn.Module) -> bool:
     return getattr(model, "pill_handle", None) is not None
 
 
+def _value_width(cfg) -> int:
+    """n_kv_heads * head_dim: the width of the values (of the v slice of a fused projection)."""
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return n_kv * head_dim
+
+
 def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
     """Freeze ``model`` and wrap its decoder layers with the PILL plug-ins, in place.
 
     Args:
-        model: a Hugging Face ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``.
+        model: a Hugging Face causal LM whose ``config.model_type`` has a row in
+            :data:`pill.families.FAMILIES` (else :class:`~pill.errors.UnsupportedModelError`).
         config: which plug-ins to add; defaults to :class:`PillConfig` ().
 
     Returns the same model. ``model.pill_handle.replaced`` lists the wrapped
@@ -186,20 +235,22 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
     """
     config = config or PillConfig()
     if is_plugged(model):
-        raise ValueError("model is already plugged; call pill.unplug(model) first")
+        raise ConfigError(f"{type(model).__name__} is already plugged; call pill.unplug(model) first")
+    family = family_of(model)
     decoder, layers = _decoder_layers(model)
     n_layers = len(layers)
     wanted = list(range(n_layers)) if config.layers is None else sorted(config.layers)
     bad = [i for i in wanted if i >= n_layers]
     if bad:
-        raise ValueError(f"pill.layers: {bad} out of range; the model has {n_layers} decoder layers (0..{n_layers - 1})")
+        raise ConfigError(f"pill.layers: {bad} out of range; the model has {n_layers} decoder layers (0..{n_layers - 1})")
     cfg = model.config
     dim = cfg.hidden_size
     n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    value_width = _value_width(cfg) if family.fused_qkv else None
     ref = next(model.parameters())
 
     state = PillState()
-    handle = PillHandle(config=config, state=state, layers=wanted)
+    handle = PillHandle(config=config, state=state, layers=wanted, family=family)
     handle.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -213,15 +264,15 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
         name = f"{layer_prefix}.{i}"
         new: dict[str, nn.Module] = {}
         if config.attn_adapter:
-            new["input_layernorm"] = PillAttnInput(layer.input_layernorm, adapter(), state)
+            new[family.attn_norm] = PillAttnInput(layer.get_submodule(family.attn_norm), adapter(), state)
         experts = ModalityExperts(config.num_modalities, adapter, shared=not config.momae)
-        new["post_attention_layernorm"] = PillFFNInput(layer.post_attention_layernorm, experts, state, i == n_layers - 1)
+        new[family.ffn_norm] = PillFFNInput(layer.get_submodule(family.ffn_norm), experts, state, i == n_layers - 1)
         if config.mag:
             gate = ModalityAttentionGate(dim, n_kv, config.gate)
-            new["self_attn.v_proj"] = PillValueProj(layer.self_attn.v_proj, gate, state)
+            new[family.value] = PillValueProj(layer.get_submodule(family.value), gate, state, value_width)
         for sub, wrapper in new.items():
-            parent = layer.self_attn if sub.startswith("self_attn.") else layer
-            attr = sub.split(".")[-1]
+            parent_name, _, attr = sub.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
             handle.replaced[f"{name}.{sub}"] = getattr(parent, attr)
             for child_name, child in wrapper.named_children():
                 if child_name.startswith(PREFIX):
@@ -245,11 +296,16 @@ def _module_name(root: nn.Module, target: nn.Module) -> str:
     raise RuntimeError("module not found in model")
 
 
-def unplug(model: nn.Module) -> nn.Module:
-    """Remove every plug-in and restore the original submodules and ``requires_grad`` flags."""
+def _handle(model: nn.Module) -> PillHandle:
     handle: PillHandle | None = getattr(model, "pill_handle", None)
     if handle is None:
-        raise ValueError("model is not plugged")
+        raise ConfigError(f"{type(model).__name__} is not plugged; call pill.plug(model) first")
+    return handle
+
+
+def unplug(model: nn.Module) -> nn.Module:
+    """Remove every plug-in and restore the original submodules and ``requires_grad`` flags."""
+    handle = _handle(model)
     for qualified, original in handle.replaced.items():
         parent_name, attr = qualified.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), attr, original)
@@ -266,38 +322,61 @@ def pill_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if PREFIX in n}
 
 
-def _group(name: str) -> str:
-    """Parameter group of a plug-in parameter name: attn_adapter, expert_<m>, gate, projector."""
-    if ".pill_adapter." in name:
-        return "attn_adapter"
-    if ".pill_experts.experts." in name:
-        return "expert_" + name.split(".pill_experts.experts.")[1].split(".")[0]
-    if ".pill_gate." in name:
-        return "gate"
-    if "pill_projector" in name:
-        return "projector"
-    return "other"
+def parameter_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Plug-in parameters by the group their module declares, with qualified names.
+
+    Walks ``module`` for plug-ins that have ``pill_parameter_groups()`` (no name parsing).
+    Groups: ``attn_adapter``, ``expert:<modality id>`` (``expert:shared`` without MoMAE), ``gate``.
+    """
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    seen: set[int] = set()
+    for prefix, m in module.named_modules():
+        declare = getattr(m, "pill_parameter_groups", None)
+        if declare is None:
+            continue
+        for group, params in declare().items():
+            for n, p in params:
+                if id(p) in seen:
+                    raise RuntimeError(f"parameter {prefix}.{n} is declared by two plug-ins")
+                seen.add(id(p))
+                groups.setdefault(group, []).append((f"{prefix}.{n}" if prefix else n, p))
+    return groups
 
 
-def set_stage(model: nn.Module, stage: str) -> None:
-    """Switch a plugged LLM to a training stage (design note, section 4).
+def set_stage(model: nn.Module, stage: str, align_modality: int = IMAGE) -> None:
+    """Switch a plugged LLM to a training stage, a row of :data:`STAGES` (design note, section 4).
 
-    ``align``: only the image experts (and the VLM's projector) train, MAG is off
-    (visual values pass ungated) and the last layer swaps text and image routing.
-    ``finetune``: every plug-in trains and MAG is on.
+    ``align``: only the experts of the non-text modalities (and the VLM's projector) train, MAG
+    is off (visual values pass ungated) and in the last plugged layer the text tokens go to
+    the expert of ``align_modality`` (default 1 = image). ``finetune``: every plug-in trains and
+    MAG is on.
     """
     if stage not in STAGES:
-        raise ValueError(f"stage: must be one of {', '.join(STAGES)}, got {stage!r}")
-    handle: PillHandle = model.pill_handle
+        raise ConfigError(f"stage: must be one of {', '.join(STAGES)}, got {stage!r}")
+    handle = _handle(model)
     cfg = handle.config
+    if not TEXT < align_modality < cfg.num_modalities:
+        raise ConfigError(f"align_modality: must be a non-text modality id in 1..{cfg.num_modalities - 1} "
+                          f"(pill.num_modalities is {cfg.num_modalities}), got {align_modality}")
+    row = STAGES[stage]
     handle.state.stage = stage
-    handle.state.gate_enabled = stage == "finetune"
-    handle.state.swap_last = stage == "align" and cfg.momae
-    for n, p in pill_parameters(model).items():
-        g = _group(n)
-        if stage == "finetune":
-            p.requires_grad_(True)
-        elif not cfg.momae:
-            p.requires_grad_(g == "expert_0")  # the one shared FFN adapter plays the V-expert's part
-        else:
-            p.requires_grad_(g.startswith("expert_") and g != f"expert_{TEXT}")
+    handle.state.gate_enabled = row.gate
+    handle.state.swap_last = row.swap_last and cfg.momae  # one shared adapter has nothing to swap
+    handle.state.align_modality = align_modality
+    train = [t.format(text=TEXT) for t in row.train]
+    freeze = [t.format(text=TEXT) for t in row.freeze]
+    for group, params in parameter_groups(model).items():
+        on = any(fnmatchcase(group, t) for t in train) and not any(fnmatchcase(group, f) for f in freeze)
+        for _, p in params:
+            p.requires_grad_(on)
+
+
+class _CallableModule(types.ModuleType):
+    """``pill.plug`` is both this module (``pill.plug.PREFIX``) and, called, :func:`plug`
+    (``pill.plug(llm, config)``): importing the submodule makes it the package's ``plug`` attribute."""
+
+    def __call__(self, model: nn.Module, config: PillConfig | None = None) -> nn.Module:
+        return plug(model, config)
+
+
+sys.modules[__name__].__class__ = _CallableModule
