@@ -44,6 +44,7 @@ CASES = [
     Case("gemma3_text", "Gemma3TextConfig", "gemma3_text", _GEMMA),
     Case("phi3", "Phi3Config", "phi3"),
     Case("smollm3", "SmolLM3Config", "smollm3"),
+    Case("olmo2", "Olmo2Config", "olmo2"),  # post-norm: plug-ins in front of self_attn and mlp
 ]
 IDS = [c.id for c in CASES]
 
@@ -75,19 +76,21 @@ def _randomise(model, groups=("attn_adapter", "expert:*")):
                     p.normal_(std=0.2)
 
 
-def test_every_supported_family_has_a_case_and_refused_ones_say_why():
+def test_every_supported_family_has_a_case():
     assert {c.model_type for c in CASES} == set(supported_types())
-    assert all(f.refused is None or len(f.refused) > 20 for f in FAMILIES.values())
 
 
-def test_unknown_and_refused_families_are_named():
+def test_unknown_and_refused_families_are_named(monkeypatch):
+    import pill.families
+
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(UnsupportedModelError, match=r"'gpt2'.*pill\.families\.FAMILIES.*gemma2.*llama"):
         plug(gpt2)
-    olmo2 = build(Case("olmo2", "Olmo2Config", "olmo2"))
-    with pytest.raises(UnsupportedModelError, match=r"'olmo2'.*post-norm.*supported model types"):
-        plug(olmo2)
-    assert not hasattr(olmo2, "pill_handle") and all(p.requires_grad for p in olmo2.parameters())
+    monkeypatch.setitem(pill.families.FAMILIES, "llama", pill.families.Family(refused="no reason, a test"))
+    llama = build(CASES[0])
+    with pytest.raises(UnsupportedModelError, match=r"'llama'.*no reason, a test.*supported model types: gemma2"):
+        plug(llama)
+    assert not hasattr(llama, "pill_handle") and all(p.requires_grad for p in llama.parameters())
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -102,8 +105,12 @@ def test_zero_init_plugged_text_logits_equal_base(case):
     assert (plugged - base).abs().max().item() <= 1e-5
     assert (text_mods - base).abs().max().item() <= 1e-5
     row = family_of(model)
-    assert sorted(model.pill_handle.replaced) == sorted(
-        f"model.layers.{i}.{s}" for i in range(2) for s in (row.attn_norm, row.value, row.ffn_norm))
+    handle = model.pill_handle
+    assert sorted(handle.replaced) == sorted(
+        f"model.layers.{i}.{s}" for i in range(2) for s in (row.attn_norm, row.value, row.ffn_norm) if s)
+    assert sorted(handle.added) == sorted(f"model.layers.{i}.{s}" for i in range(2) for s, norm in
+                                          (("pill_attn_input", row.attn_norm), ("pill_ffn_input", row.ffn_norm))
+                                          if norm is None)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -235,3 +235,13 @@ def test_bf16_base_model_keeps_float32_plugins():
     _randomise(model)
     out = model(torch.randint(0, 100, (1, 5)), modality_ids=torch.tensor([[0, 1, 1, 0, 0]])).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_pill_plug_is_the_module_and_the_function():
+    import pill
+    import pill.plug
+
+    assert pill.plug.PREFIX == "pill_"
+    model = build_llm_from_config("llama")
+    assert pill.plug(model) is model and pill.plug.is_plugged(model)
+    pill.unplug(model)

@@ -46,8 +46,8 @@ class Stage:
     ``train`` / ``freeze``: patterns (fnmatch) of parameter groups; a group trains when it
     matches ``train`` and not ``freeze``. ``{text}`` in a pattern stands for the text
     modality id. ``gate``: MAG is applied (else visual values pass ungated). ``swap_last``: in
-    the last plugged layer text tokens go to the aligned modality's expert (and that
-    modality's tokens to the text expert), since the last layer's FFN output at non-text
+    the model's last layer (when plugged) text tokens go to the aligned modality's expert (and
+    that modality's tokens to the text expert), since the last layer's FFN output at non-text
     positions never reaches the loss.
     """
 
@@ -96,6 +96,8 @@ class PillHandle:
     layers: list[int]
     family: Family = field(default_factory=Family)
     replaced: dict[str, nn.Module] = field(default_factory=dict)  # qualified name -> original module
+    added: list[str] = field(default_factory=list)  # plug-ins in front of a module (post-norm families)
+    input_hooks: list = field(default_factory=list)  # their forward pre-hooks
     requires_grad: dict[str, bool] = field(default_factory=dict)
     hook: Optional[torch.utils.hooks.RemovableHandle] = None
 
@@ -203,6 +205,10 @@ class PillValueProj(nn.Module):
         return out
 
 
+# Names of the plug-ins fed the attention / FFN input of a layer that has no norm there to wrap.
+_INPUT_PLUGIN = {PillAttnInput: PREFIX + "attn_input", PillFFNInput: PREFIX + "ffn_input"}
+
+
 def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     return decoder, decoder.layers
@@ -228,7 +234,8 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
         config: which plug-ins to add; defaults to :class:`PillConfig` ().
 
     Returns the same model. ``model.pill_handle.replaced`` lists the wrapped
-    submodules; every plug-in parameter name contains ``pill_``. At this point the
+    submodules (``added``: the plug-ins put in front of a module, where a post-norm family has
+    no norm to wrap); every plug-in parameter name contains ``pill_``. At this point the
     plugged model computes exactly what the base model computes on text-only input.
     After plugging, ``model(input_ids, modality_ids=m)`` routes tokens by modality
     (``m``: (B, T) long, 0 = text, 1 = image).
@@ -262,11 +269,19 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
     for i in wanted:
         layer = layers[i]
         name = f"{layer_prefix}.{i}"
-        new: dict[str, nn.Module] = {}
+        new: dict[str, nn.Module] = {}  # path of the wrapped module -> wrapper
+        in_front: dict[str, nn.Module] = {}  # path of a module -> plug-in fed its input (no norm to wrap)
+
+        def place(norm: Optional[str], consumer: str, make) -> None:
+            if norm is not None:
+                new[norm] = make(layer.get_submodule(norm))
+            else:
+                in_front[consumer] = make(nn.Identity())
+
         if config.attn_adapter:
-            new[family.attn_norm] = PillAttnInput(layer.get_submodule(family.attn_norm), adapter(), state)
+            place(family.attn_norm, family.attn, lambda norm: PillAttnInput(norm, adapter(), state))
         experts = ModalityExperts(config.num_modalities, adapter, shared=not config.momae)
-        new[family.ffn_norm] = PillFFNInput(layer.get_submodule(family.ffn_norm), experts, state, i == n_layers - 1)
+        place(family.ffn_norm, family.ffn, lambda norm: PillFFNInput(norm, experts, state, i == n_layers - 1))
         if config.mag:
             gate = ModalityAttentionGate(dim, n_kv, config.gate)
             new[family.value] = PillValueProj(layer.get_submodule(family.value), gate, state, value_width)
@@ -278,6 +293,12 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
                 if child_name.startswith(PREFIX):
                     child.to(device=ref.device)  # plug-ins stay float32 (master weights), on the model's device
             setattr(parent, attr, wrapper)
+        for consumer, plugin in in_front.items():
+            attr = _INPUT_PLUGIN[type(plugin)]
+            layer.add_module(attr, plugin.to(device=ref.device))
+            handle.added.append(f"{name}.{attr}")
+            handle.input_hooks.append(layer.get_submodule(consumer).register_forward_pre_hook(
+                _feed_input_through(plugin), with_kwargs=True))
 
     def take_modality_ids(module, args, kwargs):
         state.modality_ids = kwargs.pop("modality_ids", None)
@@ -287,6 +308,20 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
     model.pill_handle = handle
     set_stage(model, "finetune")
     return model
+
+
+def _feed_input_through(plugin: nn.Module):
+    """Forward pre-hook: the module's input ``hidden_states`` (keyword or first argument) goes
+    through ``plugin`` first."""
+
+    def hook(module, args, kwargs):
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = plugin(kwargs["hidden_states"])
+        else:
+            args = (plugin(args[0]), *args[1:])
+        return args, kwargs
+
+    return hook
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:
@@ -309,8 +344,12 @@ def unplug(model: nn.Module) -> nn.Module:
     for qualified, original in handle.replaced.items():
         parent_name, attr = qualified.rsplit(".", 1)
         setattr(model.get_submodule(parent_name), attr, original)
-    if handle.hook is not None:
-        handle.hook.remove()
+    for qualified in handle.added:
+        parent_name, attr = qualified.rsplit(".", 1)
+        delattr(model.get_submodule(parent_name), attr)
+    for hook in [handle.hook, *handle.input_hooks]:
+        if hook is not None:
+            hook.remove()
     for n, p in model.named_parameters():
         p.requires_grad_(handle.requires_grad.get(n, p.requires_grad))
     del model.pill_handle
