@@ -4,7 +4,7 @@ import torch
 from pill import ConfigError, PillConfig, plug, set_stage, unplug
 from pill.errors import UnsupportedModelError
 from pill.models import build_llm_from_config
-from pill.inject import PillAttnInput, PillFFNInput, PillValueProj, pill_parameters
+from pill.plug import PillAttnInput, PillFFNInput, PillValueProj, parameter_groups, pill_parameters
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 
@@ -77,16 +77,20 @@ def test_unsupported_architecture_is_named():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
-    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*'gpt2'.*FAMILIES.*llama"):
         plug(model)
 
 
 def test_plug_twice_and_bad_layers():
     model = build_llm_from_config("llama")
-    with pytest.raises(ValueError, match="pill.layers.*2 decoder layers"):
+    with pytest.raises(ConfigError, match="pill.layers.*2 decoder layers"):
         plug(model, PillConfig(layers=[0, 5]))
+    with pytest.raises(ConfigError, match="not plugged"):
+        set_stage(model, "align")
+    with pytest.raises(ConfigError, match="not plugged"):
+        unplug(model)
     plug(model)
-    with pytest.raises(ValueError, match="already plugged"):
+    with pytest.raises(ConfigError, match="already plugged"):
         plug(model)
 
 
@@ -111,23 +115,61 @@ def test_config_roundtrip():
 
 
 def _trainable_groups(model):
-    from pill.inject import _group
+    return sorted(g for g, ps in parameter_groups(model).items() if all(p.requires_grad for _, p in ps))
 
-    return sorted({_group(n) for n, p in pill_parameters(model).items() if p.requires_grad})
+
+def test_parameter_groups_cover_every_plugin_parameter_once():
+    model = build_llm_from_config("llama")
+    plug(model)
+    groups = parameter_groups(model)
+    assert sorted(groups) == ["attn_adapter", "expert:0", "expert:1", "gate"]
+    named = [n for ps in groups.values() for n, _ in ps]
+    assert sorted(named) == sorted(pill_parameters(model))
+    assert "model.layers.1.post_attention_layernorm.pill_experts.experts.1.w_down.weight" in \
+        [n for n, _ in groups["expert:1"]]
+    assert all(".pill_gate." in n for n, _ in groups["gate"])
+    assert all(".pill_adapter." in n for n, _ in groups["attn_adapter"])
+    shared = build_llm_from_config("llama")
+    plug(shared, PillConfig(momae=False))
+    assert sorted(parameter_groups(shared)) == ["attn_adapter", "expert:shared", "gate"]
 
 
 def test_stage_switching():
     model = build_llm_from_config("llama")
     plug(model)
-    assert _trainable_groups(model) == ["attn_adapter", "expert_0", "expert_1", "gate"]
+    assert _trainable_groups(model) == ["attn_adapter", "expert:0", "expert:1", "gate"]
     set_stage(model, "align")
-    assert _trainable_groups(model) == ["expert_1"]
+    assert _trainable_groups(model) == ["expert:1"]
     st = model.pill_handle.state
-    assert st.gate_enabled is False and st.swap_last is True
+    assert st.gate_enabled is False and st.swap_last is True and st.align_modality == 1
     set_stage(model, "finetune")
     assert st.gate_enabled is True and st.swap_last is False
-    with pytest.raises(ValueError, match="stage"):
+    with pytest.raises(ConfigError, match="stage"):
         set_stage(model, "pretrain")
+    with pytest.raises(ConfigError, match="align_modality.*1..1"):
+        set_stage(model, "align", align_modality=2)
+
+
+def test_align_stage_without_momae_trains_the_shared_adapter():
+    model = build_llm_from_config("llama")
+    plug(model, PillConfig(momae=False))
+    set_stage(model, "align")
+    assert _trainable_groups(model) == ["expert:shared"]
+    assert model.pill_handle.state.swap_last is False
+
+
+def test_align_with_three_modalities_swaps_text_with_the_aligned_modality():
+    model = build_llm_from_config("llama")
+    plug(model, PillConfig(num_modalities=3))
+    set_stage(model, "align", align_modality=2)
+    assert _trainable_groups(model) == ["expert:1", "expert:2"]
+    calls = {}
+    last = model.model.layers[-1].post_attention_layernorm.pill_experts.experts
+    for m, ex in enumerate(last):
+        ex.register_forward_hook(lambda mod, inp, out, m=m: calls.setdefault(m, []).append(inp[0].shape[0]))
+    mods = torch.tensor([[0, 0, 0, 0, 1, 2, 2]])  # 4 text, 1 image, 2 audio
+    model(torch.randint(0, 2000, (1, 7)), modality_ids=mods)
+    assert calls == {2: [4], 1: [1], 0: [2]}  # text -> audio expert, audio -> text expert, image stays
 
 
 def _randomise(model):
@@ -193,3 +235,13 @@ def test_bf16_base_model_keeps_float32_plugins():
     _randomise(model)
     out = model(torch.randint(0, 100, (1, 5)), modality_ids=torch.tensor([[0, 1, 1, 0, 0]])).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_pill_plug_is_the_module_and_the_function():
+    import pill
+    import pill.plug
+
+    assert pill.plug.PREFIX == "pill_"
+    model = build_llm_from_config("llama")
+    assert pill.plug(model) is model and pill.plug.is_plugged(model)
+    pill.unplug(model)

@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pill"
 LAYERS = [
     ["errors", "config", "precision", "io", "modalities", "data.images"],
     ["modules", "families", "models", "vpg", "encoders"],
-    ["inject", "plug"],
+    ["plug"],
     ["processor"],
     ["vlm", "chat", "data", "runconfig"],
     ["build", "checkpoint"],

@@ -204,7 +204,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_vlm):
 
 @pytest.mark.parametrize("stage", ["align", "finetune"])
 def test_plugin_recompute_gives_the_same_gradients_and_keeps_less(tiny_vlm, stage, monkeypatch):
-    import pill.inject
+    import pill.plug
 
     _randomise(tiny_vlm)
     tiny_vlm.set_stage(stage)
@@ -228,8 +228,8 @@ def test_plugin_recompute_gives_the_same_gradients_and_keeps_less(tiny_vlm, stag
         return {n: p.grad.clone() for n, p in tiny_vlm.named_parameters() if p.grad is not None}, sum(saved)
 
     calls = []
-    inner = pill.inject.checkpoint
-    monkeypatch.setattr(pill.inject, "checkpoint", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    inner = pill.plug.checkpoint
+    monkeypatch.setattr(pill.plug, "checkpoint", lambda *a, **k: calls.append(1) or inner(*a, **k))
     plain, plain_bytes = grads()
     assert not calls
     tiny_vlm.enable_plugin_recompute()

@@ -5,8 +5,8 @@ from .errors import ConfigError, DataError, PillError
 __version__ = "0.1.0"
 
 # Torch-heavy names load on first use, so that `import pill.data` stays light.
-_LAZY = {"PillVLM": "pill.vlm", "PillProcessor": "pill.processor", "plug": "pill.inject",
-         "unplug": "pill.inject", "set_stage": "pill.inject", "load_run": "pill.build"}
+_LAZY = {"PillVLM": "pill.vlm", "PillProcessor": "pill.processor", "plug": "pill.plug",
+         "unplug": "pill.plug", "set_stage": "pill.plug", "load_run": "pill.build"}
 
 
 def __getattr__(name):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .inject import PREFIX, PillValueProj, _group, is_plugged, plug, set_stage as _set_llm_stage
+from .plug import PREFIX, PillValueProj, is_plugged, parameter_groups, plug, set_stage as _set_llm_stage
 from .config import PillConfig
 from .encoders import VisualPromptGenerator
 from .errors import CheckpointError, ConfigError, DataError
@@ -270,16 +270,17 @@ class PillVLM(nn.Module):
         """Rows ``{part, parameters, trainable}`` per plug-in group, the frozen parts, and the total."""
         groups: dict[str, list[int]] = {}
         names = {"attn_adapter": "attention-input adapters", "gate": "attention gates (MAG)"}
+        group_of = {id(p): g for g, ps in parameter_groups(self).items() for _, p in ps}
         for n, p in self.named_parameters():
             if n.startswith("pill_projector."):
                 label = "projector" if len(self.pill_projector) == 1 else f"projector ({n.split('.')[1]})"
             elif PREFIX in n:
-                g = _group(n)
-                if g.startswith("expert_"):
-                    m = int(g.split("_")[1])
-                    owner = modality_by_id(m)
+                g = group_of.get(id(p), "other")
+                if g.startswith("expert:"):
+                    m = g.split(":")[1]
+                    owner = modality_by_id(int(m)) if m.isdigit() else None
                     label = "FFN adapter (shared, no MoMAE)" if not self.pill_config.momae else \
-                        "L-experts (text)" if m == 0 else "V-experts (image)" if m == IMAGE else \
+                        "L-experts (text)" if m == "0" else "V-experts (image)" if m == str(IMAGE) else \
                         f"{owner.name} experts" if owner is not None else f"experts (modality {m})"
                 else:
                     label = names.get(g, g)

@@ -6,6 +6,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+SHARED = "expert:shared"  # group of the one FFN adapter of the no-MoMAE ablation
+
 
 class _SplitRows(torch.autograd.Function):
     """x (N, d) -> [x[idx] for idx in idxs], where the idxs partition the N rows.
@@ -60,6 +62,12 @@ class ModalityExperts(nn.Module):
         self.num_modalities = num_modalities
         self.shared = shared
         self.experts = nn.ModuleList([make_adapter() for _ in range(1 if shared else num_modalities)])
+
+    def pill_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """``expert:<modality id>`` per expert (``expert:shared`` for the one shared adapter)."""
+        keys = [SHARED] if self.shared else [f"expert:{m}" for m in range(self.num_modalities)]
+        return {k: [(f"experts.{i}.{n}", p) for n, p in e.named_parameters()]
+                for i, (k, e) in enumerate(zip(keys, self.experts))}
 
     def forward(self, x: torch.Tensor, modality_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, T, d), modality_ids: (B, T) long or None (all text) -> expert output (B, T, d)."""

@@ -32,6 +32,9 @@ class ModalityAttentionGate(nn.Module):
         self.record = False  # when True, keep mean |tanh(g)| of the last call in `last_abs_gate`
         self.last_abs_gate: Optional[torch.Tensor] = None
 
+    def pill_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        return {"gate": list(self.named_parameters())}
+
     def gates(self, a: torch.Tensor) -> torch.Tensor:
         """a: (..., d) attention inputs -> tanh gates (..., n_kv)."""
         if self.variant == "token":

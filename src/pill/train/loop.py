@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from ..errors import CheckpointError, PillError
+from ..plug import parameter_groups
 from ..precision import Precision, resolve_precision
 from ..build import build_vlm, fingerprints as model_fingerprints, load_dataset_samples  # noqa: F401
 from ..data import image_key
@@ -121,9 +122,10 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
               "no_decay": {"params": [], "weight_decay": 0.0},
               "projector": {"params": [], "weight_decay": o.weight_decay, "lr": o.lr * o.projector_lr_scale},
               "gate": {"params": [], "weight_decay": 0.0, "lr": o.lr * o.gate_lr_scale}}
+    gates = {id(p) for _, p in parameter_groups(vlm).get("gate", [])}
     for n, p in vlm.named_parameters():
         if p.requires_grad:
-            kind = ("gate" if ".pill_gate." in n else "projector" if n.startswith("pill_projector.")
+            kind = ("gate" if id(p) in gates else "projector" if n.startswith("pill_projector.")
                     else "decay" if p.ndim >= 2 else "no_decay")
             groups[kind]["params"].append(p)
     optimizer = torch.optim.AdamW([g for g in groups.values() if g["params"]], lr=o.lr, betas=tuple(o.betas))
