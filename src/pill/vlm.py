@@ -175,9 +175,14 @@ class PillVLM(nn.Module):
         return next(iter(self.pill_projector.values())).weight.device
 
     # -- stages and parameters -------------------------------------------------------------
-    def set_stage(self, stage: str) -> None:
-        """``align`` or ``finetune`` (design note, section 4); the projectors train in both."""
-        _set_llm_stage(self.llm, stage)
+    def set_stage(self, stage: str, align_modality: str = "image") -> None:
+        """``align`` or ``finetune`` (design note, section 4); the projectors train in both.
+        ``align_modality``: the modality whose expert takes the text tokens in the last layer while
+        aligning (:func:`pill.plug.set_stage`)."""
+        if align_modality not in self.modalities:
+            raise ConfigError(f"align_modality: this model has no {align_modality} encoder "
+                              f"(its modalities: {', '.join(self.modalities)})")
+        _set_llm_stage(self.llm, stage, align_modality=self.modalities[align_modality].id)
         for proj in self.pill_projector.values():
             proj.weight.requires_grad_(True)
 
