@@ -35,7 +35,10 @@ def test_registry_lists_each_encoder():
     assert [e.name for e in ENCODERS] == BUILTIN
     entry = get_encoder("dinov2")
     assert (entry.modality, entry.cls, entry.needs_path, entry.build) == ("image", Dinov2VPG, True, Dinov2VPG.build)
-    assert not get_encoder("efficientnet-lite0").needs_path and get_encoder("efficientnet-lite0").pools
+    eff, blip2 = get_encoder("efficientnet-lite0"), get_encoder("blip2-qformer")
+    assert (eff.needs_path, eff.accepts_layer, eff.accepts_pool) == (False, True, True)
+    assert (blip2.needs_path, blip2.accepts_layer, blip2.accepts_pool) == (True, False, False)
+    assert (entry.accepts_layer, entry.accepts_pool) == (True, False)
     assert "Salesforce/blip2-opt-2.7b" in get_encoder("blip2-qformer").path_hint
 
 

@@ -60,7 +60,7 @@ def _params(args) -> int:
     raw = _load_yaml(args.config) if args.config else {}
     cfg = PillConfig.from_dict(raw.get("pill", {}))
     layer = _coerce((raw.get("model") or {}).get("vpg_layer"), Optional[int], "model.vpg_layer") \
-        if get_encoder(args.vpg).layer_hint is not None else None
+        if get_encoder(args.vpg).accepts_layer else None
     result = count_parameters(args.llm, args.vpg, args.stage, cfg, vpg_layer=layer)
     if args.json:
         print_json(result)

@@ -56,20 +56,28 @@ class EncoderEntry:
     def needs_path(self) -> bool:
         return self.path_hint is not None
 
+    @property
+    def accepts_layer(self) -> bool:
+        return self.layer_hint is not None
+
+    @property
+    def accepts_pool(self) -> bool:
+        return self.pools is not None
+
     def validate(self, path: Optional[str], layer: Optional[int], pool: Optional[int], *,
                  require_path: bool = True) -> None:
         """Raise :class:`~pill.errors.ConfigError` naming ``vpg_path``, ``vpg_layer`` or ``pool``."""
         if require_path and self.needs_path and not path:
             raise ConfigError(f"vpg_path: required for vpg {self.name!r}: {self.path_hint}")
         if layer is not None:
-            if self.layer_hint is None:
+            if not self.accepts_layer:
                 raise ConfigError(f"vpg_layer: not for vpg {self.name!r} (it has no layer choice)")
             if self.layers is not None and layer not in self.layers:
                 raise ConfigError(f"vpg_layer: for vpg {self.name!r} {self.layer_hint} in "
                                   f"{self.layers[0]}..{self.layers[-1]} (negative counts from the end), got {layer}")
         if pool is not None:
-            if self.pools is None:
-                with_pool = [e.name for e in _REGISTRY.values() if e.pools is not None]
+            if not self.accepts_pool:
+                with_pool = [e.name for e in _REGISTRY.values() if e.accepts_pool]
                 raise ConfigError(f"pool: not for vpg {self.name!r} (only for {', '.join(with_pool) or 'none'})")
             valid = self.pools(layer)
             if pool not in valid:
