@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..cli import positive_int
+
 
 def _train(args) -> int:
     from .config import check_inputs, load_config
@@ -37,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--output", help="run directory (default: train.output_dir of the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run directory")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("features", help="compute and cache the frozen VPG features of a config's images")
