@@ -2,15 +2,15 @@
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from pill.data import SampleList
-from pill.data.scienceqa import (
-    augment_wrong_answers, draw_answer, load_problems, load_scienceqa, load_split, retarget, scienceqa_stats,
-)
-from pill.errors import DataError
+from pill.data import Sample, SampleList
+from pill.data.prompts import OPTION_LETTERS, PromptOptions
+from pill.data.scienceqa import load_problems, load_scienceqa, load_split, scienceqa_stats, wrong_answer_variant
+from pill.errors import ConfigError, DataError
 
 ASSETS = Path(__file__).parent / "assets"
 SQA = ASSETS / "scienceqa"
@@ -141,36 +141,61 @@ def test_missing_root():
 
 # -- random wrong answer ------------------------------------------------------------------
 
-def test_draw_answer_deterministic_and_per_epoch():
-    assert all(draw_answer(0, e, "q", 1, 4, 0.0) == 1 for e in range(50))
-    draws = [draw_answer(3, e, "q", 1, 4, 1.0) for e in range(60)]
+def _draw(seed, epoch, qid, answer, num_choices, p):
+    """The option a sample with ``num_choices`` options and true ``answer`` trains on this epoch."""
+    base = load_scienceqa(SQA, "test", progress=False)[0]
+    choices = [f"option {i}" for i in range(num_choices)]
+    problem = {**base.meta["problem"], "choices": choices, "answer": answer}
+    sample = replace(base, id=qid, meta={**base.meta, "answer": answer, "target_answer": answer,
+                                         "choices": choices, "problem": problem})
+    return wrong_answer_variant(sample, seed, epoch, p).meta["target_answer"]
+
+
+def test_wrong_answer_draw_deterministic_and_per_epoch():
+    assert all(_draw(0, e, "q", 1, 4, 0.0) == 1 for e in range(50))
+    draws = [_draw(3, e, "q", 1, 4, 1.0) for e in range(60)]
     assert all(d != 1 and 0 <= d < 4 for d in draws) and set(draws) == {0, 2, 3}
-    assert draws == [draw_answer(3, e, "q", 1, 4, 1.0) for e in range(60)]  # same (seed, epoch) -> same
+    assert draws == [_draw(3, e, "q", 1, 4, 1.0) for e in range(60)]  # same (seed, epoch) -> same
     # p = 0.1 of the answers change, re-drawn each epoch, different seeds differ
-    hits = Counter(draw_answer(0, e, str(q), 0, 3, 0.1) != 0 for q in range(200) for e in range(10))
+    hits = Counter(_draw(0, e, str(q), 0, 3, 0.1) != 0 for q in range(200) for e in range(10))
     assert 0.07 < hits[True] / 2000 < 0.13
-    a = [draw_answer(0, 0, str(q), 0, 3, 0.5) for q in range(100)]
-    assert a != [draw_answer(0, 1, str(q), 0, 3, 0.5) for q in range(100)]
-    assert a != [draw_answer(1, 0, str(q), 0, 3, 0.5) for q in range(100)]
+    a = [_draw(0, 0, str(q), 0, 3, 0.5) for q in range(100)]
+    assert a != [_draw(0, 1, str(q), 0, 3, 0.5) for q in range(100)]
+    assert a != [_draw(1, 0, str(q), 0, 3, 0.5) for q in range(100)]
 
 
-def test_wrong_answer_at_load_and_retarget():
-    samples = load_scienceqa(SQA, "test", prompt_format="QCM-AE", wrong_answer_p=1.0, seed=5, progress=False)
+def test_wrong_answer_variant():
+    clean = load_scienceqa(SQA, "test", prompt_format="QCM-AE", progress=False)
+    assert all(s.meta["target_answer"] == s.meta["answer"] for s in clean)
+    samples = [wrong_answer_variant(s, 5, 0, 1.0) for s in clean]
     for s in samples:
         assert s.meta["target_answer"] != s.meta["answer"]
-        assert s.messages[-1]["content"].startswith(f"The answer is {'ABCDE'[s.meta['target_answer']]}.")
-    assert samples.report.counts["wrong_answer"] == 3
-    again = load_scienceqa(SQA, "test", prompt_format="QCM-AE", wrong_answer_p=1.0, seed=5, progress=False)
+        assert s.messages[-1]["content"].startswith(f"The answer is {OPTION_LETTERS[s.meta['target_answer']]}.")
+    again = [wrong_answer_variant(s, 5, 0, 1.0) for s in clean]
     assert [s.messages for s in samples] == [s.messages for s in again]
-    fixed = retarget(samples[0], samples[0].meta["answer"])
-    assert fixed.messages[-1]["content"] == "The answer is B. BECAUSE: The shape is a circle."
-    assert fixed.messages[0] == samples[0].messages[0]
-    clean = load_scienceqa(SQA, "test", progress=False)
-    by_epoch = [[s.messages[-1]["content"] for s in augment_wrong_answers(clean, 1.0, 0, e)] for e in range(6)]
-    assert by_epoch == [[s.messages[-1]["content"] for s in augment_wrong_answers(clean, 1.0, 0, e)] for e in range(6)]
+    assert clean[0].messages[-1]["content"] == "The answer is B. BECAUSE: The shape is a circle."
+    assert samples[0].messages[0] == clean[0].messages[0]  # only the target changes
+    plain = load_scienceqa(SQA, "test", progress=False)
+    by_epoch = [[wrong_answer_variant(s, 0, e, 1.0).messages[-1]["content"] for s in plain] for e in range(6)]
+    assert by_epoch == [[wrong_answer_variant(s, 0, e, 1.0).messages[-1]["content"] for s in plain]
+                        for e in range(6)]
     assert len({tuple(x) for x in by_epoch}) > 1
-    assert all(s.messages[-1]["content"] == c.messages[-1]["content"]
-               for s, c in zip(augment_wrong_answers(clean, 0.0, 0, 3), clean))
+    assert all(wrong_answer_variant(s, 0, 3, 0.0) is s for s in plain)
+    chat = Sample(id="c1", messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    assert wrong_answer_variant(chat, 0, 0, 1.0) is chat  # not a ScienceQA problem: kept
+
+
+def test_prompt_options():
+    opts = PromptOptions.from_format("QCM-ALE", use_caption=True)
+    assert (opts.input_format, opts.output_format, opts.format, opts.use_caption) == ("QCM", "ALE", "QCM-ALE", True)
+    by_options = load_scienceqa(SQA, "test", opts, progress=False)
+    by_keywords = load_scienceqa(SQA, "test", prompt_format="QCM-ALE", use_caption=True, progress=False)
+    assert [s.messages for s in by_options] == [s.messages for s in by_keywords]
+    assert by_options[0].meta["format"] == "QCM-ALE"
+    with pytest.raises(ConfigError, match="QXX"):
+        PromptOptions("QXX", "A")
+    with pytest.raises(ConfigError, match="QCM-X"):
+        load_scienceqa(SQA, "test", prompt_format="QCM-X", progress=False)
 
 
 def test_stats(root):

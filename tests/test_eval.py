@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from PIL import Image
 
 from pill.data.collate import encode_sample
-from pill.data.scienceqa import load_scienceqa, retarget
+from pill.data.prompts import build_target
+from pill.data.scienceqa import load_scienceqa
 from pill.errors import ConfigError
 from pill.eval import evaluate as ev
 from pill.eval.scienceqa_score import CATEGORY_KEYS, SCORE_KEYS
@@ -154,7 +156,9 @@ def test_likelihood_ranking_matches_unbatched_hand_computation(vlm, sqa):
         assert len(scores) == len(s.meta["choices"])
         features = vlm.encode_images(processor.preprocess([load_image(p) for p in s.images])) if s.images else None
         for c in range(len(s.meta["choices"])):
-            enc = encode_sample(retarget(s, c), processor, None)  # the training tokens, answer = option c
+            target = build_target(s.meta["problem"], "ALE", answer=c)
+            option_c = replace(s, messages=s.messages[:-1] + [{"role": "assistant", "content": target}])
+            enc = encode_sample(option_c, processor, None)  # the training tokens, answer = option c
             first = next(i for i, x in enumerate(enc.labels) if x != -100)
             pos = first + len(prefix)  # the letter token
             assert enc.input_ids[first:pos] == prefix and enc.input_ids[pos] == letters[c]

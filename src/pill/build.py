@@ -143,8 +143,6 @@ def load_model(run: Optional[str] = None, device: str = "cpu", *, quiet: bool = 
     import sys
 
     if run:
-        if not Path(run).is_dir():
-            raise CheckpointError(f"{run}: no such run directory")
         return load_run(run, device=device)
     from .vlm import PillVLM
 

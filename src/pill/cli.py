@@ -1,4 +1,9 @@
-"""The ``pill`` command: a thin map from sub-command to a library function."""
+"""The ``pill`` command: a thin map from sub-command to a library function.
+
+Every error a user can cause (a :class:`~pill.errors.PillError`, or an ``OSError`` such as a
+missing or unreadable file) is printed as one line ``pill <command>: error: ...`` with exit
+code 1; argparse's own errors keep exit code 2 and the usage text.
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    _name_commands(parser)
     return parser
+
+
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub-)parser the default ``_prog``: its full name, e.g. ``pill data inspect``."""
+    parser.set_defaults(_prog=parser.prog)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _name_commands(child)
+
+
+def error_line(e: BaseException) -> str:
+    """The message of a user error on one line (an ``OSError`` as ``<file>: <reason>``)."""
+    if isinstance(e, OSError) and not isinstance(e, PillError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except PillError as e:
-        print(f"pill {args.command}: error: {e}", file=sys.stderr)
+    except (PillError, OSError) as e:
+        print(f"{args._prog}: error: {error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -49,6 +73,35 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+# -- argparse value types, shared by the sub-commands (a bad value is argparse's usual exit 2) --
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    return _int_at_least(text, 1, "a positive whole number")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    return _int_at_least(text, 0, "a whole number >= 0")
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port 0-65535 (0 picks a free one)."""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
+    return int(text)
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

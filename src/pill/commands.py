@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from .config import PillConfig
-from .errors import PillError
+from .cli import positive_int
+from .errors import ConfigError, PillError
 
 
 def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: str = "finetune",
@@ -72,11 +73,15 @@ def _params(args) -> int:
 def _load_yaml(path: str) -> dict:
     from .config import load_yaml
 
+    import yaml
+
     try:
         with open(path) as f:
             return load_yaml(f.read()) or {}
     except OSError as e:
         raise PillError(f"{path}: cannot read config ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
 
 
 def _demo(args) -> int:
@@ -93,20 +98,32 @@ def _demo(args) -> int:
     return 0
 
 
+def _demo_pool(text: str) -> int:
+    """--pool of the demo: 1 .. the grid of the demo encoder's block 10 (14)."""
+    from .encoders.efficientnet import feature_grid
+
+    grid = feature_grid(10)
+    value = positive_int(text)
+    if value > grid:
+        raise argparse.ArgumentTypeError(f"must be between 1 and the block-10 grid ({grid}), got {value}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole method on CPU: benchmark, before/after, two training stages")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a few steps on a tiny benchmark (checks the pipeline)")
-    p.add_argument("--n-train", type=int)
-    p.add_argument("--n-test", type=int)
-    p.add_argument("--align-steps", type=int)
-    p.add_argument("--finetune-steps", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--n-train", type=positive_int)
+    p.add_argument("--n-test", type=positive_int)
+    p.add_argument("--align-steps", type=positive_int)
+    p.add_argument("--finetune-steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--eval-mode", choices=["likelihood", "generate"])
     p.add_argument("--precision", choices=["auto", "bf16", "float32", "no"],
                    help="training precision (default auto: bf16 where the CPU has it natively, else float32; "
                         "PILL_PRECISION=float32|bf16 decides auto)")
-    p.add_argument("--pool", type=int, help="pool the EfficientNet block-10 grid (14 x 14) to N x N visual tokens (default 4)")
+    p.add_argument("--pool", type=_demo_pool, help="pool the EfficientNet block-10 grid (14 x 14) to N x N visual "
+                                                     "tokens (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 

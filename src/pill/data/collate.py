@@ -224,19 +224,15 @@ class PillDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _encoded_for_epoch(self, i: int) -> Encoded:
-        from .scienceqa import can_retarget, draw_answer, retarget
+        from .scienceqa import wrong_answer_variant
 
-        s = self.samples[i]
-        if self.wrong_answer_p <= 0 or not can_retarget(s):
+        variant = wrong_answer_variant(self.samples[i], self.seed, self.epoch, self.wrong_answer_p)
+        if variant is self.samples[i]:
             return self.encoded[i]
-        answer = draw_answer(self.seed, self.epoch, s.id, s.meta["answer"], len(s.meta["choices"]),
-                             self.wrong_answer_p)
-        if answer == s.meta.get("target_answer", s.meta["answer"]):
-            return self.encoded[i]
-        key = (i, answer)
+        key = (i, variant.meta["target_answer"])
         if key not in self._variants:
             try:
-                self._variants[key] = encode_sample(retarget(s, answer), self.processor, self.max_length,
+                self._variants[key] = encode_sample(variant, self.processor, self.max_length,
                                                     template=self.template, truncate=self.truncate)
             except SampleTooLong:
                 self._variants[key] = None

@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
+
+from ..cli import non_negative_int, positive_int
+from ..errors import ConfigError, DataError
 
 
 def register(subparsers) -> None:
@@ -20,7 +24,7 @@ def register(subparsers) -> None:
     sqa.add_argument("--root", required=True, help="folder with problems.json, or parquet file(s)")
     sqa.add_argument("--split", default="test")
     sqa.add_argument("--format", default="QCM-A", help="<input>-<output> prompt format, e.g. QCM-ALE")
-    sqa.add_argument("--limit", type=int, default=3, help="how many samples to print")
+    sqa.add_argument("--limit", type=positive_int, default=3, help="how many samples to print")
     sqa.add_argument("--caption", action="store_true", help="add captions.json to the context")
     sqa.add_argument("--skip-bad", action="store_true", help="skip malformed problems, counting them")
     _chat_args(sqa)
@@ -29,16 +33,16 @@ def register(subparsers) -> None:
     llava = kinds.add_parser("llava", help="LLaVA JSON (CC595K chat.json, LLaVA-1.5 665k)")
     llava.add_argument("--json", required=True, help="the LLaVA JSON or JSONL file")
     llava.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
-    llava.add_argument("--limit", type=int, default=3)
+    llava.add_argument("--limit", type=positive_int, default=3)
     llava.add_argument("--skip-bad", action="store_true")
     _chat_args(llava)
     llava.set_defaults(func=_inspect_llava)
 
     synth = actions.add_parser("synth", help="render the built-in shapes benchmark (ScienceQA layout)")
     synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--n-train", type=int, default=2000)
-    synth.add_argument("--n-test", type=int, default=200)
-    synth.add_argument("--n-val", type=int, default=None, help="default: --n-test")
+    synth.add_argument("--n-train", type=non_negative_int, default=2000)
+    synth.add_argument("--n-test", type=non_negative_int, default=200)
+    synth.add_argument("--n-val", type=non_negative_int, default=None, help="default: --n-test")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_synth)
 
@@ -55,13 +59,15 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 
 def _show(samples, args) -> None:
+    from .prompts import OPTION_LETTERS
+
     tokenizer = None
     if args.model:
         from ..models import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
     for s in samples[: args.limit]:
-        extra = f", answer {'ABCDE'[s.meta['answer']]}" if "answer" in s.meta else ""
+        extra = f", answer {OPTION_LETTERS[s.meta['answer']]}" if "answer" in s.meta else ""
         images = ", ".join(f"<{len(i)} bytes>" if isinstance(i, bytes) else i for i in s.images) or "none"
         print(f"--- {s.id}{extra}; images: {images}")
         for m in s.messages:
@@ -78,7 +84,10 @@ def _inspect_scienceqa(args) -> int:
     from .prompts import parse_format
     from .scienceqa import load_scienceqa, scienceqa_stats
 
-    parse_format(args.format)
+    try:
+        parse_format(args.format)
+    except ConfigError as e:
+        raise ConfigError(f"--format: {e}") from None
     stats = scienceqa_stats(args.root, args.split)
     print(f"ScienceQA {args.root} [{args.split}]")
     for key, value in stats.items():
@@ -104,6 +113,10 @@ def _inspect_llava(args) -> int:
 def _synth(args) -> int:
     from .synth import make_synth
 
+    try:  # an unusable --out fails here, before any image is rendered
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
     start = time.time()
     info = make_synth(args.out, args.n_train, args.n_test, args.seed, n_val=args.n_val)
     print(json.dumps(info, indent=2))

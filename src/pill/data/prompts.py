@@ -20,6 +20,7 @@ Where this module differs from the reference, on purpose:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 from ..errors import ConfigError
@@ -51,6 +52,45 @@ def check_output_format(name: str) -> str:
     if name not in OUTPUT_FORMATS:
         raise ConfigError(f"unknown output format {name!r}; valid: {', '.join(OUTPUT_FORMATS)}")
     return name
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """How a ScienceQA problem becomes a prompt and a target (checked on construction).
+
+    Attributes:
+        input_format, output_format: e.g. ``QCM`` and ``ALE``; :meth:`from_format` takes ``"QCM-ALE"``.
+        use_caption: add the problem's caption (``captions.json``) to the context.
+        system_prompt: a system message before the prompt (None: none, the template's default).
+        escape_newlines, reference_al_ae_swap: the reference code's text quirks (module docstring).
+    """
+
+    input_format: str = "QCM"
+    output_format: str = "A"
+    use_caption: bool = False
+    system_prompt: Optional[str] = None
+    escape_newlines: bool = False
+    reference_al_ae_swap: bool = False
+
+    def __post_init__(self):
+        check_input_format(self.input_format)
+        check_output_format(self.output_format)
+
+    @classmethod
+    def from_format(cls, prompt_format: str, **fields) -> "PromptOptions":
+        """``PromptOptions.from_format("QCM-ALE", use_caption=True)``."""
+        input_format, output_format = parse_format(prompt_format)
+        return cls(input_format, output_format, **fields)
+
+    @property
+    def format(self) -> str:
+        """``<input>-<output>``, e.g. ``QCM-ALE``."""
+        return f"{self.input_format}-{self.output_format}"
+
+    @property
+    def text_options(self) -> dict[str, bool]:
+        """The keyword arguments :func:`build_target` and :func:`scienceqa_messages` take."""
+        return {"escape_newlines": self.escape_newlines, "reference_al_ae_swap": self.reference_al_ae_swap}
 
 
 def context_text(hint: Optional[str], caption: Optional[str] = None) -> str:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import random
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import DataError
 from . import BadSample, LoadReport, Sample, SampleList, check_image, check_placeholders, read_json
-from .prompts import OPTION_LETTERS, build_target, parse_format, scienceqa_messages
+from .prompts import OPTION_LETTERS, PromptOptions, build_target, parse_format, scienceqa_messages
 
 PathLike = Union[str, os.PathLike]
 
@@ -218,13 +218,28 @@ def image_path(root: PathLike, qid: str, problem: dict, split: str) -> tuple[str
 
 # -- random wrong answer ------------------------------------------------------------------
 
-def draw_answer(seed: int, epoch: int, qid: str, answer: int, num_choices: int, p: float) -> int:
-    """The option index to train on this epoch: ``answer``, or with probability ``p`` another one.
+def wrong_answer_variant(sample: Sample, seed: int, epoch: int, p: float) -> Sample:
+    """The sample to train on this epoch: with probability ``p`` its target states another option.
 
-    Depends only on (seed, epoch, qid): the same in every process and worker, and
-    re-drawn each epoch.
+    The draw depends only on (seed, epoch, sample id): the same in every process and worker,
+    and re-drawn each epoch. Returns ``sample`` itself when nothing changes (``p`` is 0, the
+    draw keeps the answer, or the sample is not a ScienceQA problem), else a copy whose
+    assistant turn and ``meta["target_answer"]`` state the drawn option.
     """
-    if p <= 0 or num_choices < 2:
+    meta = sample.meta
+    if p <= 0 or not all(k in meta for k in ("answer", "choices", "format", "problem")):
+        return sample
+    answer = _draw_answer(seed, epoch, sample.id, meta["answer"], len(meta["choices"]), p)
+    if answer == meta.get("target_answer", meta["answer"]):
+        return sample
+    _, output_format = parse_format(meta["format"])
+    target = build_target(meta["problem"], output_format, answer=answer, **meta.get("text_options", {}))
+    messages = list(sample.messages[:-1]) + [{"role": "assistant", "content": target}]
+    return replace(sample, messages=messages, meta={**meta, "target_answer": answer})
+
+
+def _draw_answer(seed: int, epoch: int, qid: str, answer: int, num_choices: int, p: float) -> int:
+    if num_choices < 2:
         return answer
     rng = random.Random(f"pill-wrong-answer:{seed}:{epoch}:{qid}")
     if rng.random() >= p:
@@ -233,52 +248,21 @@ def draw_answer(seed: int, epoch: int, qid: str, answer: int, num_choices: int, 
     return wrong + (wrong >= answer)
 
 
-def retarget(sample: Sample, answer: int) -> Sample:
-    """A copy of a ScienceQA sample whose target states option ``answer``."""
-    meta = sample.meta
-    if meta.get("target_answer") == answer:
-        return sample
-    _, output_format = parse_format(meta["format"])
-    target = build_target(meta["problem"], output_format, answer=answer, **meta.get("text_options", {}))
-    messages = list(sample.messages[:-1]) + [{"role": "assistant", "content": target}]
-    return replace(sample, messages=messages, meta={**meta, "target_answer": answer})
-
-
-def augment_wrong_answers(samples: list[Sample], p: float, seed: int, epoch: int) -> list[Sample]:
-    """Samples with their targets re-drawn for ``epoch`` (samples without a ScienceQA answer are kept)."""
-    out = []
-    for s in samples:
-        if "answer" in s.meta and "format" in s.meta:
-            s = retarget(s, draw_answer(seed, epoch, s.id, s.meta["answer"], len(s.meta["choices"]), p))
-        out.append(s)
-    return out
-
-
-def can_retarget(sample: Sample) -> bool:
-    return all(k in sample.meta for k in ("answer", "choices", "format", "problem"))
-
-
 # -- loading ----------------------------------------------------------------------------
 
 def load_scienceqa(
     root: PathLike,
     split: str,
+    options: Optional[PromptOptions] = None,
     *,
-    input_format: str = "QCM",
-    output_format: str = "A",
     prompt_format: Optional[str] = None,
-    use_caption: bool = False,
+    use_caption: Optional[bool] = None,
+    system_prompt: Optional[str] = None,
     captions: Optional[PathLike] = None,
     skip_bad: bool = False,
     check_images: bool = True,
     max_pixels: Optional[int] = None,
-    wrong_answer_p: float = 0.0,
-    seed: int = 0,
-    epoch: int = 0,
-    system_prompt: Optional[str] = None,
     limit: Optional[int] = None,
-    escape_newlines: bool = False,
-    reference_al_ae_swap: bool = False,
     progress: bool = True,
 ) -> SampleList:
     """Load one split of ScienceQA as chat samples.
@@ -286,109 +270,135 @@ def load_scienceqa(
     Args:
         root: the official folder, a folder of parquet files, or one parquet file.
         split: any split of ``pid_splits.json`` (``train``, ``val``, ``test``, ``minitest``...).
-        input_format, output_format: see :mod:`pill.data.prompts`; ``prompt_format="QCM-ALE"``
-            sets both at once.
-        use_caption: add the caption (``captions.json`` under root, or ``captions``) to the context.
+        options: how prompts and targets are written (:class:`~pill.data.prompts.PromptOptions`;
+            default QCM-A). ``prompt_format="QCM-ALE"``, ``use_caption`` and ``system_prompt``
+            override its fields.
+        captions: the captions file for ``use_caption`` (default ``captions.json`` under root).
         skip_bad: skip malformed problems (counted per reason in ``.report``) instead of raising.
         check_images: decode every image now (catches corrupt, truncated and oversized
             files at load time); with False only the files' existence is checked.
-        wrong_answer_p, seed, epoch: random-wrong-answer augmentation drawn for this epoch
-            (use :class:`pill.data.collate.PillDataset` to re-draw it every epoch).
         limit: keep only the first ``limit`` problems of the split (debugging).
     Returns a :class:`SampleList`; ``meta`` holds qid, answer, target_answer, choices,
-    has_image, subject, grade, topic, category, format and the raw problem.
+    has_image, subject, grade, topic, category, format and the raw problem. The random wrong
+    answer of training is drawn per epoch by :func:`wrong_answer_variant`.
     Raises DataError naming the file and problem id (unless ``skip_bad``).
     """
-    if prompt_format is not None:
-        input_format, output_format = parse_format(prompt_format)
-    fmt = f"{input_format}-{output_format}"
-    parse_format(fmt)
-    root = Path(root)
-    _check_root(root)
-    official = _is_official(root)
-    source = str(root / "problems.json") if official else str(root)
-
-    image_bytes: dict[str, Optional[bytes]] = {}
-    if official:
-        problems = load_problems(root)
-    else:
-        problems, image_bytes = _read_parquet(_parquet_files(root))
-    qids = load_split(root, split, problems=problems)
-    if limit is not None:
-        qids = qids[:limit]
-
-    caption_map: dict[str, str] = {}
-    if use_caption:
-        cap_path = Path(captions) if captions is not None else root / "captions.json"
-        if not cap_path.is_file():
-            raise DataError(f"{cap_path}: captions file not found (use_caption=True needs it)")
-        caption_map = load_captions(cap_path)
-
-    text_options = {"escape_newlines": escape_newlines, "reference_al_ae_swap": reference_al_ae_swap}
-    need = input_format[2:] + output_format
-    report = LoadReport(source=f"{source} [{split}]")
-    counts = {"with_image": 0, "with_hint": 0, "with_caption": 0, "wrong_answer": 0}
+    opts = _prompt_options(options, prompt_format, use_caption, system_prompt)
+    source = _Source.open(root)
+    qids = load_split(source.root, split, problems=source.problems)[:limit]
+    caption_map = _caption_map(source.root, captions) if opts.use_caption else {}
+    report = LoadReport(source=f"{source.name} [{split}]")
     samples = SampleList(report=report)
 
     from tqdm.auto import tqdm
 
     for qid in tqdm(qids, desc=f"ScienceQA {split}", disable=None if progress else True, leave=False):
-        qid = str(qid)
         report.total += 1
         try:
-            if qid not in problems:
-                raise BadSample(f"{root / 'pid_splits.json'}: problem {qid} of split {split!r} "
-                                f"is not in problems.json", "unknown_qid")
-            problem = problems[qid]
-            validate_problem(problem, qid, source, need)
-            images: list = []
-            if problem.get("image"):
-                if official:
-                    path, tried = image_path(root, qid, problem, split)
-                    if not os.path.exists(path):
-                        raise BadSample(f"{source}: problem {qid}: image file not found (tried {', '.join(tried)})",
-                                        "missing_image")
-                    images = [path]
-                else:
-                    images = [image_bytes[qid]]
-                check_image(images[0], qid, source, decode=check_images, max_pixels=max_pixels, kind="problem")
-            caption = caption_map.get(qid, "") if use_caption else None
-            answer = draw_answer(seed, epoch, qid, problem["answer"], len(problem["choices"]), wrong_answer_p)
-            messages = scienceqa_messages(problem, input_format, output_format, has_image=bool(images),
-                                          caption=caption, answer=answer, system_prompt=system_prompt,
-                                          **text_options)
-            sample = Sample(id=qid, messages=messages, images=images, meta={
-                "source": "scienceqa",
-                "qid": qid,
-                "split": problem.get("split", split),
-                "answer": problem["answer"],
-                "target_answer": answer,
-                "choices": list(problem["choices"]),
-                "has_image": bool(images),
-                "has_hint": bool(problem.get("hint")),
-                "subject": problem.get("subject"),
-                "grade": problem.get("grade"),
-                "topic": problem.get("topic"),
-                "category": problem.get("category"),
-                "format": fmt,
-                "text_options": text_options,
-                "problem": problem,
-            })
-            check_placeholders(sample, source, kind="problem")
+            samples.append(_problem_sample(source, str(qid), split, opts, caption_map, check_images, max_pixels))
         except BadSample as e:
             if not skip_bad:
                 raise
             report.skip(e.reason, str(e))
-            continue
-        counts["with_image"] += bool(images)
-        counts["with_hint"] += bool(problem.get("hint"))
-        counts["with_caption"] += bool(caption)
-        counts["wrong_answer"] += answer != problem["answer"]
-        samples.append(sample)
     report.kept = len(samples)
-    report.counts = counts
+    report.counts = _counts(samples, caption_map)
     report.print_if_skipped()
     return samples
+
+
+def _prompt_options(options: Optional[PromptOptions], prompt_format: Optional[str], use_caption: Optional[bool],
+                    system_prompt: Optional[str]) -> PromptOptions:
+    opts = options or PromptOptions()
+    if prompt_format is not None:
+        input_format, output_format = parse_format(prompt_format)
+        opts = replace(opts, input_format=input_format, output_format=output_format)
+    if use_caption is not None:
+        opts = replace(opts, use_caption=use_caption)
+    if system_prompt is not None:
+        opts = replace(opts, system_prompt=system_prompt)
+    return opts
+
+
+@dataclass
+class _Source:
+    """The problems of a ScienceQA root and where their images are."""
+
+    root: Path
+    official: bool
+    problems: dict[str, dict]
+    image_bytes: dict[str, Optional[bytes]]  # parquet export: qid -> encoded image
+
+    @classmethod
+    def open(cls, root: PathLike) -> "_Source":
+        root = Path(root)
+        _check_root(root)
+        if _is_official(root):
+            return cls(root, True, load_problems(root), {})
+        return cls(root, False, *_read_parquet(_parquet_files(root)))
+
+    @property
+    def name(self) -> str:
+        return str(self.root / "problems.json") if self.official else str(self.root)
+
+    def images(self, qid: str, problem: dict, split: str) -> list:
+        """``[path or bytes]`` of the problem's image, ``[]`` without one; BadSample when it is missing."""
+        if not problem.get("image"):
+            return []
+        if not self.official:
+            return [self.image_bytes[qid]]
+        path, tried = image_path(self.root, qid, problem, split)
+        if not os.path.exists(path):
+            raise BadSample(f"{self.name}: problem {qid}: image file not found (tried {', '.join(tried)})",
+                            "missing_image")
+        return [path]
+
+
+def _caption_map(root: Path, captions: Optional[PathLike]) -> dict[str, str]:
+    path = Path(captions) if captions is not None else root / "captions.json"
+    if not path.is_file():
+        raise DataError(f"{path}: captions file not found (use_caption=True needs it)")
+    return load_captions(path)
+
+
+def _problem_sample(source: _Source, qid: str, split: str, opts: PromptOptions, caption_map: dict[str, str],
+                    check_images: bool, max_pixels: Optional[int]) -> Sample:
+    """One problem as a Sample; BadSample (with its reason) when the problem or its image is unusable."""
+    if qid not in source.problems:
+        raise BadSample(f"{source.root / 'pid_splits.json'}: problem {qid} of split {split!r} "
+                        f"is not in problems.json", "unknown_qid")
+    problem = source.problems[qid]
+    validate_problem(problem, qid, source.name, opts.input_format[2:] + opts.output_format)
+    images = source.images(qid, problem, split)
+    if images:
+        check_image(images[0], qid, source.name, decode=check_images, max_pixels=max_pixels, kind="problem")
+    caption = caption_map.get(qid, "") if opts.use_caption else None
+    messages = scienceqa_messages(problem, opts.input_format, opts.output_format, has_image=bool(images),
+                                  caption=caption, system_prompt=opts.system_prompt, **opts.text_options)
+    sample = Sample(id=qid, messages=messages, images=images, meta={
+        "source": "scienceqa",
+        "qid": qid,
+        "split": problem.get("split", split),
+        "answer": problem["answer"],
+        "target_answer": problem["answer"],
+        "choices": list(problem["choices"]),
+        "has_image": bool(images),
+        "has_hint": bool(problem.get("hint")),
+        "subject": problem.get("subject"),
+        "grade": problem.get("grade"),
+        "topic": problem.get("topic"),
+        "category": problem.get("category"),
+        "format": opts.format,
+        "text_options": opts.text_options,
+        "problem": problem,
+    })
+    check_placeholders(sample, source.name, kind="problem")
+    return sample
+
+
+def _counts(samples: list[Sample], caption_map: dict[str, str]) -> dict[str, int]:
+    return {"with_image": sum(s.meta["has_image"] for s in samples),
+            "with_hint": sum(s.meta["has_hint"] for s in samples),
+            "with_caption": sum(bool(caption_map.get(s.id)) for s in samples)}
 
 
 def scienceqa_stats(root: PathLike, split: str) -> dict[str, int]:

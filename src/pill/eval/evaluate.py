@@ -267,7 +267,10 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
 # -- helpers --------------------------------------------------------------------------------
 
 def _model_inputs(batch: dict, device) -> dict[str, torch.Tensor]:
-    keys = ("input_ids", "attention_mask", "modality_ids", "pixel_values")
+    """The model's inputs of a collated batch: tokens, masks and every modality's preprocessed inputs."""
+    from ..modalities import modalities
+
+    keys = ("input_ids", "attention_mask", "modality_ids", *(m.inputs_key for m in modalities()))
     return {k: batch[k].to(device) for k in keys if k in batch}
 
 

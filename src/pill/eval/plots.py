@@ -56,9 +56,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def _save(fig: Figure, out_path: str | Path) -> Path:
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out_path, format="png", dpi=120)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        FigureCanvasAgg(fig)
+        fig.savefig(out_path, format="png", dpi=120)
+    except OSError as e:
+        raise DataError(f"{out_path}: cannot write the figure ({e.strerror or e})") from None
     return out_path
 
 

@@ -138,7 +138,7 @@ def _run_config(run: Path):
 
 def _eval_scienceqa(args: argparse.Namespace) -> int:
     from ..build import load_model
-    from ..errors import CheckpointError, ConfigError
+    from ..errors import CheckpointError, ConfigError, PillError
     from .evaluate import evaluate_scienceqa
     from .scienceqa_score import format_table
 
@@ -152,6 +152,12 @@ def _eval_scienceqa(args: argparse.Namespace) -> int:
     data = args.data or (cfg.data.root if trained_on_sqa else None)
     if not data:
         raise ConfigError("--data: required (the run was not trained on ScienceQA, so it names no data root)")
+    from ..data.prompts import parse_format
+
+    try:
+        parse_format(prompt_format)  # before the model is loaded
+    except PillError as e:
+        raise ConfigError(f"--format {prompt_format}: {e}") from None
     vlm = load_model(str(run), _device(args.device))
     out = Path(args.out) if args.out else run / f"eval-{args.split}"
     result = evaluate_scienceqa(vlm, data, args.split, prompt_format=prompt_format, limit=args.limit,

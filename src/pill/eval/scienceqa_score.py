@@ -32,7 +32,6 @@ SCORE_KEYS = CATEGORY_KEYS + ("topics", "count", "unparsed")
 
 _SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 _GRADES = {f"grade{g}": "G1-6" for g in range(1, 7)} | {f"grade{g}": "G7-12" for g in range(7, 13)}
-_OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def categories(problem: Mapping[str, Any]) -> list[str]:
@@ -146,8 +145,8 @@ def _parse_prediction(value: Any, path: Path, qid: str) -> int | None:
             return None
         if text.isdigit():
             return int(text)
-        if len(text) == 1 and text.upper() in _OPTION_LETTERS:
-            return _OPTION_LETTERS.index(text.upper())
+        if len(text) == 1 and text.isascii() and text.isalpha():  # A = 0, B = 1, ...; past the options: unparsed
+            return ord(text.upper()) - ord("A")
     raise DataError(f"{path}: prediction for {qid!r} is {value!r}, expected an option index or letter")
 
 
@@ -185,9 +184,9 @@ def score_file(
     output of a ``--limit``-ed run can be scored; ``count`` says how many. A predicted
     qid that is not in the split is an error.
     """
+    predictions = load_predictions(predictions_path)  # the small file first: a bad one fails fast
     problems = load_problems(data_root)
     split_qids = load_split(data_root, split, problems)
-    predictions = load_predictions(predictions_path)
     in_split = set(split_qids)
     foreign = [qid for qid in predictions if qid not in in_split]
     if foreign:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..cli import positive_int
+
 
 def _train(args) -> int:
     from ..runconfig import check_inputs, load_config
@@ -20,13 +22,15 @@ def _train(args) -> int:
 
 def _features(args) -> int:
     from ..runconfig import check_inputs, load_config
-    from .loop import build_vlm, load_dataset_samples, prepare_features
+    from ..build import build_vlm, load_dataset_samples
+    from .loop import prepare_features
 
     cfg = load_config(args.config, args.set)
     check_inputs(cfg, args.config)
     vlm = build_vlm(cfg)
-    cache, keys = prepare_features(cfg, vlm, load_dataset_samples(cfg))
-    print(f"{len(keys)} images, {len(cache)} cached feature entries in {cache.dir}")
+    caches, keys = prepare_features(cfg, vlm, load_dataset_samples(cfg))
+    for name, cache in caches.items():
+        print(f"{name}: {len(keys[name])} inputs, {len(cache)} cached feature entries in {cache.dir}")
     return 0
 
 
@@ -37,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--output", help="run directory (default: train.output_dir of the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run directory")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("features", help="compute and cache the frozen VPG features of a config's images")

@@ -24,7 +24,7 @@ from .. import __version__
 from ..errors import CheckpointError, PillError
 from ..plug import parameter_groups
 from ..precision import Precision, resolve_precision
-from ..build import build_vlm, fingerprints as model_fingerprints, load_dataset_samples  # noqa: F401
+from ..build import build_vlm, fingerprints as model_fingerprints, load_dataset_samples
 from ..data import image_key
 from ..data.collate import batch_refs
 from ..processor import IGNORE_INDEX

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..errors import PillError
+from ..cli import port, positive_int
+from ..errors import CheckpointError, PillError
 
 UNTRAINED_NOTE = "embedded default, untrained plug-ins"
 
@@ -27,20 +28,29 @@ def load_demo_model(run: Optional[str] = None, device: str = "cpu"):
         vlm = PillVLM.from_pretrained(device=device).eval()
         return vlm, model_info(vlm, llm=f"SmolLM2-135M-Instruct ({UNTRAINED_NOTE})",
                                vpg="EfficientNet-Lite0 (ImageNet weights)")
-    if not Path(run).is_dir():
-        raise PillError(f"--run {run}: no such run directory")
+    check_run_dir(run)
     from ..build import load_run
 
     vlm = load_run(run, device=device).eval()
     return vlm, model_info(vlm, run_dir=run)
 
 
+def check_run_dir(run: str) -> None:
+    """Raise PillError unless ``run`` is a folder with a ``config.yaml`` (cheap: nothing is loaded)."""
+    if not Path(run).is_dir():
+        raise PillError(f"--run {run}: no such run directory")
+    if not (Path(run) / "config.yaml").is_file():
+        raise CheckpointError(f"--run {run}: not a pill run directory (no config.yaml)")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .app import Limits
     from .server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+    if args.run:
+        check_run_dir(args.run)  # before the "loading" line, so that a bad --run is the only line printed
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"loading {'run ' + args.run if args.run else 'the embedded default model (untrained plug-ins)'} ...",
           file=sys.stderr)
     vlm, info = load_demo_model(args.run, args.device)
@@ -67,18 +77,6 @@ def _positive_mb(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-    return int(text)
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
-    return int(text)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``pill serve`` to the ``pill`` parser."""
     p = sub.add_parser("serve", help="web demo: ask the model about an image in the browser",
@@ -87,10 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", metavar="DIR", help="trained run directory (default: embedded model, untrained plug-ins)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=_port, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--port", type=port, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=_positive_mb, default=10.0, metavar="N",
                    help="largest image upload in MB (default 10)")
-    p.add_argument("--max-pixels", type=_positive_int, default=4096 * 4096, metavar="N",
+    p.add_argument("--max-pixels", type=positive_int, default=4096 * 4096, metavar="N",
                    help="largest image in pixels, width x height (default 16777216 = 4096 x 4096)")
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
     p.set_defaults(func=_serve)
