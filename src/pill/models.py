@@ -111,29 +111,34 @@ LLM_PRESETS = {
                          max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
 
-_CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
-
-
 def build_llm_from_config(kind: str = "llama", device: str | torch.device = "cpu", seed: int = 0, **overrides):
-    """A random-init causal LM of family ``kind`` (``llama`` | ``mistral`` | ``qwen2``).
+    """A random-init causal LM of family ``kind``: any ``model_type`` of the plug table
+    (:data:`pill.families.FAMILIES`: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma2``, ``phi3``, ...).
 
     With no overrides it is tiny (2 layers, width 64, GQA 4/2 heads): the model tests use.
     Build on ``device="meta"`` for parameter counts of real sizes.
     """
-    import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if kind not in _CONFIG_CLASSES:
-        raise PillError(f"unknown model family {kind!r}; choose one of {', '.join(_CONFIG_CLASSES)}")
+    from .families import supported_types
+
+    if kind not in supported_types():
+        raise PillError(f"unknown model family {kind!r}; choose one of {', '.join(supported_types())}")
     args = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512)
     args.update({k: v for k, v in overrides.items() if k != "model_type"})
-    cfg = getattr(transformers, _CONFIG_CLASSES[kind])(**args)
-    cfg._attn_implementation = "sdpa"
+    cfg = AutoConfig.for_model(kind, **args)
+    if kind in SDPA_FAMILIES:
+        cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     return model.eval()
+
+
+# Families whose random-init test models are pinned to SDPA; the others keep transformers' choice
+# (it refuses SDPA for Gemma 2's soft-capping, for example).
+SDPA_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 def build_llm_preset(name: str, device: str | torch.device = "meta"):

@@ -39,7 +39,7 @@ class ModelConfig:
     # uncentred features such as EfficientNet block outputs.
     feature_norm: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the frozen weights
-    # Smoke tests: tiny random-init models (llm then names a family: llama | mistral | qwen2).
+    # Smoke tests: tiny random-init models (llm then names a family of pill.families: llama, qwen3, ...).
     random_init: bool = False
     encoders: dict[str, EncoderConfig] = field(default_factory=dict)
 
@@ -51,8 +51,12 @@ class ModelConfig:
     def __post_init__(self):
         from .encoders import validate_encoder_settings
 
-        if self.random_init and self.llm not in ("llama", "mistral", "qwen2"):
-            raise ConfigError(f"llm: with random_init it names a family (llama, mistral, qwen2), got {self.llm!r}")
+        if self.random_init:
+            from .families import supported_types
+
+            if self.llm not in supported_types():
+                raise ConfigError(f"llm: with random_init it names a family ({', '.join(supported_types())}), "
+                                  f"got {self.llm!r}")
         validate_encoder_settings(self.vpg, self.vpg_path, self.vpg_layer, self.pool)
         if "image" in self.encoders:
             raise ConfigError("encoders.image: the image encoder is set by vpg, vpg_path, vpg_layer and pool")

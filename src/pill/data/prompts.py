@@ -202,7 +202,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-PLAIN_TEMPLATE = (  # the layout of PillProcessor.chat_prompt's fallback, with eos closing each answer
+PLAIN_TEMPLATE = (  # "ROLE: text" lines, with eos closing each answer
     "{%- for m in messages -%}"
     "{%- if m['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + m['content'] + eos_token + '\\n' -}}"
     "{%- else -%}{{- m['role'] | upper + ': ' + m['content'] + '\\n' -}}{%- endif -%}"

@@ -22,16 +22,14 @@ def load_demo_model(run: Optional[str] = None, device: str = "cpu"):
     """
     from .app import model_info
 
-    if run is None:
-        from ..vlm import PillVLM
+    from ..build import load_model
 
-        vlm = PillVLM.from_pretrained(device=device).eval()
+    if run is None:
+        vlm = load_model(None, device=device, quiet=True)
         return vlm, model_info(vlm, llm=f"SmolLM2-135M-Instruct ({UNTRAINED_NOTE})",
                                vpg="EfficientNet-Lite0 (ImageNet weights)")
     check_run_dir(run)
-    from ..build import load_run
-
-    vlm = load_run(run, device=device).eval()
+    vlm = load_model(run, device=device)
     return vlm, model_info(vlm, run_dir=run)
 
 
