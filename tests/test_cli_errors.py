@@ -55,6 +55,7 @@ def files(tmp_path, monkeypatch):
     shutil.copy(STAGE2, run / "config.yaml")
     (run / "pill.safetensors").write_bytes(b"")  # never read: the model is built first
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (run / "gates.json").write_text('{"layers": [0, 1], "mean_abs_gate": [0.5, 2.0]}')
     return tmp_path
 
 
@@ -106,6 +107,7 @@ CASES = [
      ["pill plot training: error:", "metrics.jsonl", "not found"]),
     ("plot training --run {tmp}/run --out {tmp}/a_file/loss.png", 1, ["a_file/loss.png", "cannot write"]),
     ("plot gates --run {tmp}/empty_run --out {tmp}/gates.png", 1, ["pill plot gates: error:", "gates.json"]),
+    ("plot gates --run {tmp}/run --out {tmp}/gates.png", 1, ["run/gates.json", "layer 1", "[0, 1]"]),
     ("serve --run {tmp}/no_run", 1, ["pill serve: error:", "--run", "no_run", "no such run directory"]),
     ("serve --run {tmp}/empty_run", 1, ["pill serve: error:", "empty_run", "no config.yaml"]),
     ("serve --port 99999", 2, ["pill serve: error:", "--port", "99999"]),

@@ -42,10 +42,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..data.prompts import OPTION_LETTERS
 from ..errors import ConfigError, PillError
 
 MODES = ("generate", "likelihood")
-ANSWER_LETTERS = "ABCDE"  # pill.data.prompts.OPTION_LETTERS: ScienceQA has 2 to 5 options
 PROMPT_TAIL_CHARS = 300
 
 
@@ -60,7 +60,7 @@ def default_max_new_tokens(prompt_format: str) -> int:
 # -- likelihood ranking ---------------------------------------------------------------------
 
 def answer_prefix(processor, template: Optional[str] = None,
-                  letters: str = ANSWER_LETTERS) -> tuple[list[int], list[int]]:
+                  letters: str = OPTION_LETTERS) -> tuple[list[int], list[int]]:
     """Token ids of the shared answer prefix and of each option letter, as training tokenises them.
 
     Renders a one-turn conversation whose answer is ``The answer is X.`` for every letter
@@ -186,10 +186,39 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
     ``files`` (name -> path written; empty without ``out_dir``) and ``predictions``
     (qid -> option index, ``None`` where no answer could be read).
     """
-    from ..data.prompts import parse_format
     from ..data.scienceqa import load_scienceqa
-    from .extract import extract_answer
     from .scienceqa_score import score
+
+    max_new_tokens = _check_eval_args(vlm, prompt_format, mode, batch_size, limit, max_new_tokens)
+    if system_prompt is None:
+        system_prompt = getattr(vlm, "system_prompt", None)
+    start = time.perf_counter()
+    samples = load_scienceqa(data_root, split, prompt_format=prompt_format, use_caption=use_caption,
+                             limit=limit, progress=progress, system_prompt=system_prompt)
+    if not samples:
+        raise PillError(f"{data_root}: split {split!r} has no problems to evaluate")
+    texts, logprobs, preds = _answer(vlm, samples, mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     template=template, progress=progress, desc=f"ScienceQA {split} ({mode})")
+    predictions = {s.id: p for s, p in zip(samples, preds)}
+    scores = score(predictions, {s.id: s.meta["problem"] for s in samples}, [s.id for s in samples])
+    seconds = time.perf_counter() - start
+    info = {"split": split, "prompt_format": prompt_format, "mode": mode, "limit": limit,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens if mode == "generate" else None,
+            "use_caption": use_caption, "seconds": round(seconds, 3),
+            "run": getattr(vlm, "run_info", {}).get("run_dir")}
+    files: dict[str, str] = {}
+    if out_dir is not None:
+        records = [_generation_record(s, text, lp, p, vlm.processor, template)
+                   for s, text, lp, p in zip(samples, texts, logprobs, preds)]
+        files = _write_results(Path(out_dir), predictions, records, {**scores, "eval": info})
+    return {**scores, "split": split, "prompt_format": prompt_format, "mode": mode,
+            "seconds": seconds, "files": files, "predictions": predictions}
+
+
+def _check_eval_args(vlm, prompt_format: str, mode: str, batch_size: int, limit: Optional[int],
+                     max_new_tokens: Optional[int]) -> int:
+    """Raise ConfigError / PillError for a bad argument (before any data is read); returns max_new_tokens."""
+    from ..data.prompts import parse_format
 
     if mode not in MODES:
         raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
@@ -207,61 +236,56 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
     if mode == "likelihood" and not output_format.startswith("A"):
         warnings.warn(f"likelihood mode with output format {output_format}: the model was trained to write the "
                       "explanation before 'The answer is X.', but the letter is scored right after the prompt",
-                      stacklevel=2)
+                      stacklevel=3)
+    return max_new_tokens
 
-    if system_prompt is None:
-        system_prompt = getattr(vlm, "system_prompt", None)
-    start = time.perf_counter()
-    samples = load_scienceqa(data_root, split, prompt_format=prompt_format, use_caption=use_caption,
-                             limit=limit, progress=progress, system_prompt=system_prompt)
-    if not samples:
-        raise PillError(f"{data_root}: split {split!r} has no problems to evaluate")
-    desc = f"ScienceQA {split} ({mode})"
+
+def _answer(vlm, samples: Sequence, mode: str, *, batch_size: int, max_new_tokens: int,
+            template: Optional[str], progress: bool, desc: str) -> tuple[list, list, list]:
+    """``(texts, option_logprobs, predictions)``, one per sample; None where a mode has no such value."""
+    from .extract import extract_answer
+
     was_training = vlm.training
     vlm.eval()
     try:
         if mode == "generate":
             texts = generate_answers(vlm, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                      template=template, progress=progress, desc=desc)
-            logprobs: list[Optional[list[float]]] = [None] * len(samples)
             preds = [extract_answer(t, len(s.meta["choices"]), s.meta["choices"]) for t, s in zip(texts, samples)]
-        else:
-            logprobs = option_logprobs(vlm, samples, batch_size=batch_size, template=template, progress=progress,
-                                       desc=desc)
-            texts = [None] * len(samples)
-            preds = [max(range(len(lp)), key=lp.__getitem__) for lp in logprobs]
+            return texts, [None] * len(samples), preds
+        logprobs = option_logprobs(vlm, samples, batch_size=batch_size, template=template, progress=progress,
+                                   desc=desc)
+        return [None] * len(samples), logprobs, [max(range(len(lp)), key=lp.__getitem__) for lp in logprobs]
     finally:
         vlm.train(was_training)
 
-    predictions = {s.id: p for s, p in zip(samples, preds)}
-    problems = {s.id: s.meta["problem"] for s in samples}
-    scores = score(predictions, problems, [s.id for s in samples])
-    seconds = time.perf_counter() - start
-    info = {"split": split, "prompt_format": prompt_format, "mode": mode, "limit": limit,
-            "batch_size": batch_size, "max_new_tokens": max_new_tokens if mode == "generate" else None,
-            "use_caption": use_caption, "seconds": round(seconds, 3),
-            "run": getattr(vlm, "run_info", {}).get("run_dir")}
 
-    files: dict[str, str] = {}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files = {"predictions": str(out / "predictions.json"), "generations": str(out / "generations.jsonl"),
-                 "scores": str(out / "scores.json")}
-        _write_json(files["predictions"], {
-            "split": split, "prompt_format": prompt_format, "mode": mode, "count": len(samples),
-            "results": {qid: (-1 if p is None else p) for qid, p in predictions.items()}})
-        with open(files["generations"], "w", encoding="utf-8") as f:
-            for s, text, lp, p in zip(samples, texts, logprobs, preds):
-                record = {"qid": s.id, "prompt": _prompt_text(s, vlm.processor, template)[-PROMPT_TAIL_CHARS:],
-                          "generation": text}
-                if lp is not None:
-                    record["option_logprobs"] = [round(x, 5) for x in lp]
-                record.update(prediction=p, answer=s.meta["answer"], correct=p == s.meta["answer"])
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        _write_json(files["scores"], {**scores, "eval": info})
-    return {**scores, "split": split, "prompt_format": prompt_format, "mode": mode,
-            "seconds": seconds, "files": files, "predictions": predictions}
+def _generation_record(sample, text: Optional[str], logprobs: Optional[list[float]], prediction: Optional[int],
+                       processor, template: Optional[str]) -> dict[str, Any]:
+    """One line of ``generations.jsonl``."""
+    record = {"qid": sample.id, "prompt": _prompt_text(sample, processor, template)[-PROMPT_TAIL_CHARS:],
+              "generation": text}
+    if logprobs is not None:
+        record["option_logprobs"] = [round(x, 5) for x in logprobs]
+    record.update(prediction=prediction, answer=sample.meta["answer"], correct=prediction == sample.meta["answer"])
+    return record
+
+
+def _write_results(out: Path, predictions: dict[str, Optional[int]], records: list[dict],
+                   scores: dict[str, Any]) -> dict[str, str]:
+    """Write predictions.json, generations.jsonl and scores.json atomically; returns name -> path."""
+    from ..io import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"predictions": str(out / "predictions.json"), "generations": str(out / "generations.jsonl"),
+             "scores": str(out / "scores.json")}
+    info = scores["eval"]
+    write_atomic(files["predictions"], _json_text({
+        "split": info["split"], "prompt_format": info["prompt_format"], "mode": info["mode"],
+        "count": len(records), "results": {qid: (-1 if p is None else p) for qid, p in predictions.items()}}))
+    write_atomic(files["generations"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(files["scores"], _json_text(scores))
+    return files
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -296,8 +320,8 @@ def _prompt_text(sample, processor, template: Optional[str]) -> str:
     return render_chat(processor.tokenizer, messages, template, add_generation_prompt=True)
 
 
-def _write_json(path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _json_text(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
 __all__ = ["MODES", "evaluate_scienceqa", "generate_answers", "option_logprobs", "answer_prefix",

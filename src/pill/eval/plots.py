@@ -78,11 +78,11 @@ def plot_training(records: Sequence[Mapping[str, Any]], out_path: str | Path, ti
         ``out_path`` as a ``Path``.
     """
     if not records:
-        raise ValueError("no training records to plot")
+        raise DataError("no training records to plot")
     stages: dict[str, list[Mapping[str, Any]]] = {}
     for i, record in enumerate(records):
         if not _is_number(record.get("step")) or not _is_number(record.get("loss")):
-            raise ValueError(f"record {i} needs numeric 'step' and 'loss', got {dict(record)!r}")
+            raise DataError(f"record {i} needs numeric 'step' and 'loss', got {dict(record)!r}")
         stages.setdefault(str(record.get("stage", "train")), []).append(record)
 
     fig = Figure(figsize=(8, 6))
@@ -123,6 +123,9 @@ def read_gates(path: str | Path) -> tuple[list[int], list[float], str | None]:
     values = data.get("mean_abs_gate")
     if not isinstance(values, list) or not values or not all(_is_number(v) for v in values):
         raise DataError(f"{path}: 'mean_abs_gate' must be a non-empty list of numbers")
+    bad = next((i for i, v in enumerate(values) if not (math.isfinite(v) and 0.0 <= v <= 1.0)), None)
+    if bad is not None:
+        raise DataError(f"{path}: 'mean_abs_gate' of layer {bad} is {values[bad]!r}, expected a number in [0, 1]")
     layers = data.get("layers", list(range(len(values))))
     if not isinstance(layers, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
         raise DataError(f"{path}: 'layers' must be a list of layer indices")
@@ -153,19 +156,19 @@ def plot_gates(
     """
     series = dict(values) if isinstance(values, Mapping) else {"": values}
     if not series:
-        raise ValueError("no gate values to plot")
+        raise DataError("no gate values to plot")
     lengths = {len(v) for v in series.values()}
     if len(lengths) != 1 or 0 in lengths:
-        raise ValueError(f"every series needs the same, non-zero number of layers; got lengths {sorted(lengths)}")
+        raise DataError(f"every series needs the same, non-zero number of layers; got lengths {sorted(lengths)}")
     (num_layers,) = lengths
     for label, vals in series.items():
         for i, v in enumerate(vals):
             if not _is_number(v) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
                 name = f"series {label!r}, " if label else ""
-                raise ValueError(f"{name}layer {i}: mean |tanh(gate)| must be a number in [0, 1], got {v!r}")
+                raise DataError(f"{name}layer {i}: mean |tanh(gate)| must be a number in [0, 1], got {v!r}")
     x = list(range(num_layers)) if layers is None else list(layers)
     if len(x) != num_layers:
-        raise ValueError(f"layers has {len(x)} entries for {num_layers} values")
+        raise DataError(f"layers has {len(x)} entries for {num_layers} values")
 
     fig = Figure(figsize=(max(6.0, 0.3 * num_layers + 2), 4))
     ax = fig.subplots()
