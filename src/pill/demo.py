@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -20,26 +20,22 @@ from .io import write_atomic
 CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"
 
 
-# What the demo trains on, per training precision. A float32 step costs about twice a bf16 step
-# on CPUs with native bf16 (all of it in the frozen LLM's matrix products), so in float32 the demo
-# runs about half the steps on half the training problems to stay within 15 minutes on 2 cores.
-PRESETS = {
-    "bf16": {"n_train": 2000, "align_steps": 220, "finetune_steps": 160},
-    "float32": {"n_train": 1000, "align_steps": 80, "finetune_steps": 110},
-}
+# The demo trains the same way in both precisions. A float32 step costs about twice a bf16 step on a
+# CPU with native bf16 (all of it in the frozen LLM's matrix products), so in float32 the demo takes
+# about twice as long; halving the steps instead to stay within 15 minutes cost far more accuracy
+# (README, "Quick start": 46% instead of 65% on a 2-core CPU without bf16).
+FLOAT32_NOTE = ("this CPU trains in float32, about twice as slow as with native bf16: expect about 25-30 minutes "
+                "on 2 cores instead of about 14")
 
 
 @dataclass
 class DemoSettings:
-    """``n_train``, ``align_steps`` and ``finetune_steps`` left at None come from :data:`PRESETS`
-    for the precision the run trains in."""
-
     out: str = "runs/demo"
-    n_train: Optional[int] = None
+    n_train: int = 2000
     n_test: int = 200
     seed: int = 0
-    align_steps: Optional[int] = None
-    finetune_steps: Optional[int] = None
+    align_steps: int = 220
+    finetune_steps: int = 160
     batch_size: int = 8
     eval_batch_size: int = 50  # 4 batches for the 200 test problems, 25 % faster than 16 per batch
     eval_mode: str = "generate"
@@ -74,12 +70,15 @@ def _per_category(result: dict, problems: dict) -> dict[str, float]:
 
 
 def resolve_settings(st: DemoSettings):
-    """The training precision and the settings the demo runs with (:data:`PRESETS` fill the gaps)."""
+    """The training precision and the checked settings the demo runs with."""
+    from .errors import ConfigError
     from .precision import resolve_precision
 
-    precision = resolve_precision(st.precision)
-    preset = PRESETS["float32" if precision.name == "float32" else "bf16"]
-    return precision, replace(st, **{k: v for k, v in preset.items() if getattr(st, k) is None})
+    for name in ("n_train", "n_test", "align_steps", "finetune_steps", "batch_size", "eval_batch_size",
+                 "max_new_tokens"):
+        if getattr(st, name) < 1:
+            raise ConfigError(f"demo {name}: must be >= 1, got {getattr(st, name)}")
+    return resolve_precision(st.precision), st
 
 
 def stage_config(st: DemoSettings, precision, data: Path, out: Path, stage: str):
@@ -111,8 +110,9 @@ def run_demo(st: DemoSettings) -> dict:
 
     t0 = time.time()
     precision, st = resolve_settings(st)
-    print(f"precision: {precision.describe()}; {st.n_train} training problems, "
-          f"{st.align_steps} align + {st.finetune_steps} fine-tune steps")
+    print(f"precision: {precision.describe()}")
+    if precision.name == "float32" and not st.quick:
+        print(f"note: {FLOAT32_NOTE}")
     out = Path(st.out)
     out.mkdir(parents=True, exist_ok=True)
     data = _synth(out / "data", st)

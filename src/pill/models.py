@@ -128,6 +128,10 @@ def build_llm_from_config(kind: str = "llama", device: str | torch.device = "cpu
                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512)
     args.update({k: v for k, v in overrides.items() if k != "model_type"})
     cfg = AutoConfig.for_model(kind, **args)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # a family's defaults may lie past the vocab
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value >= cfg.vocab_size:
+            setattr(cfg, name, None)
     if kind in SDPA_FAMILIES:
         cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
