@@ -426,8 +426,9 @@ class PillVLM(nn.Module):
                  generator: Optional[torch.Generator] = None, **modality_inputs) -> torch.Tensor:
         """Greedy (default) or sampled decoding with the KV cache; prompts must be left-padded.
 
-        Tokens produced here are text (modality 0). ``streamer(tokens (B,))`` is called after each
-        step. Returns the new tokens (B, <= max_new_tokens); finished rows are padded with the pad id.
+        ``modality_inputs``: each modality's inputs or cached features, as :meth:`embed` takes them
+        (``pixel_values=...``). Tokens produced here are text (modality 0). ``streamer(tokens (B,))``
+        is called after each step. Returns the new tokens (B, <= max_new_tokens); finished rows are padded with the pad id.
         With ``use_cache=False`` the whole sequence is recomputed at every step (same greedy output).
         """
         input_ids = input_ids.to(self.device)
