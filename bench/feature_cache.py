@@ -45,7 +45,8 @@ class _Cache:
     impl = "pill.train.features.FeatureCache"
 
     def __init__(self, root: Path, vpg, paths: list[str], batch_size: int):
-        from pill.train.features import FeatureCache, content_key
+        from pill.data import content_key
+        from pill.train.features import FeatureCache
 
         t = time.perf_counter()
         self.cache = FeatureCache(root, vpg)

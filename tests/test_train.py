@@ -174,7 +174,8 @@ def test_feature_cache_gives_the_same_weights(tmp_path, synth_root, feature_dir)
 def test_feature_cache_invalidation(tmp_path, synth_root):
     from PIL import Image
 
-    from pill.train.features import FeatureCache, content_key
+    from pill.data import content_key
+    from pill.train.features import FeatureCache
     from pill.encoders.efficientnet import EfficientNetVPG
 
     torch.manual_seed(0)
@@ -199,7 +200,8 @@ def test_feature_cache_invalidation(tmp_path, synth_root):
 def test_runs_sharing_a_feature_cache_keep_each_others_entries(tmp_path):
     from PIL import Image
 
-    from pill.train.features import FeatureCache, content_key
+    from pill.data import content_key
+    from pill.train.features import FeatureCache
     from pill.encoders.efficientnet import EfficientNetVPG
 
     torch.manual_seed(0)

@@ -110,13 +110,29 @@ class SampleList(list):
 
 
 def image_key(image: Union[str, bytes]) -> str:
-    """A stable name for an input (an image, an audio clip, ...): its path, or ``sha256:<hex>`` of
-    its encoded bytes."""
+    """The reference of an input (an image, an audio clip, ...) within a run: its path, or
+    ``sha256:<content key>`` for encoded bytes. Batches name their inputs by it; the feature cache
+    stores each input under its :func:`content_key`, which a reference of bytes already carries."""
     if isinstance(image, (bytes, bytearray)):
-        import hashlib
-
-        return "sha256:" + hashlib.sha256(image).hexdigest()
+        return "sha256:" + content_key(image)
     return str(image)
+
+
+def content_key(image: Union[str, bytes]) -> str:
+    """SHA-256 hex of an input's encoded bytes (read from disk for a path; a ``sha256:`` reference
+    gives its own): the identity of its content, under which its features are cached."""
+    import hashlib
+
+    if isinstance(image, (bytes, bytearray)):
+        return hashlib.sha256(image).hexdigest()
+    if isinstance(image, str) and image.startswith("sha256:"):
+        return image[len("sha256:"):]
+    try:
+        with open(image, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
+                hashlib.sha256(f.read()).hexdigest()  # Python 3.10
+    except OSError as e:
+        raise DataError(f"{image}: cannot read input file ({e.strerror or e})") from None
 
 
 def check_placeholders(sample: Sample, source: str, kind: str = "sample") -> None:
@@ -194,6 +210,7 @@ def read_json(path, what: str = "JSON") -> Any:
         raise DataError(f"{path}: {what} file is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-__all__ = ["IMAGE_TOKEN", "Sample", "SampleList", "LoadReport", "BadSample", "image_key", "check_placeholders",
+__all__ = ["IMAGE_TOKEN", "Sample", "SampleList", "LoadReport", "BadSample", "image_key", "content_key",
+           "check_placeholders",
            "check_input_file",
            "check_image", "read_json"]

@@ -28,20 +28,6 @@ ImageRef = Union[str, bytes]
 INDEX = "index.json"
 
 
-def content_key(image: ImageRef) -> str:
-    """SHA-256 hex of an image's encoded bytes (read from disk for a path)."""
-    if isinstance(image, (bytes, bytearray)):
-        return hashlib.sha256(image).hexdigest()
-    if isinstance(image, str) and image.startswith("sha256:"):
-        return image[len("sha256:"):]
-    try:
-        with open(image, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
-                hashlib.sha256(f.read()).hexdigest()
-    except OSError as e:
-        raise DataError(f"{image}: cannot read image file ({e.strerror or e})") from None
-
-
 def default_cache_root() -> Path:
     from ..models import cache_dir
 

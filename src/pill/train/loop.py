@@ -25,7 +25,7 @@ from ..errors import CheckpointError, PillError
 from ..plug import parameter_groups
 from ..precision import Precision, resolve_precision
 from ..build import build_vlm, fingerprints as model_fingerprints, load_dataset_samples
-from ..data import image_key
+from ..data import content_key, image_key
 from ..data.collate import batch_refs
 from ..processor import IGNORE_INDEX
 from ..checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, load_weights, rng_state,
@@ -148,7 +148,7 @@ def _cosine(optimizer, warmup: int, total: int, min_ratio: float):
 def prepare_features(cfg: TrainConfig, vlm, samples, accelerator=None, progress: bool = True):
     """Fill a feature cache per modality for every input of ``samples``; returns
     (modality -> cache, modality -> {input ref -> cache key})."""
-    from .features import FeatureCache, content_key
+    from .features import FeatureCache
 
     refs: dict[str, dict] = {name: {} for name in vlm.encoders}
     for s in samples:
@@ -179,8 +179,6 @@ def fit_feature_norm(vlm, samples, features=None, feature_keys=None, *, modality
     distinct inputs of that modality in ``samples`` (from its feature cache when given). Returns
     the number of inputs."""
     from tqdm.auto import tqdm
-
-    from .features import content_key
 
     m = vlm.modalities[modality]
     if features is not None:  # the cache's keys: one per distinct input, in sample order
