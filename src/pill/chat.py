@@ -74,13 +74,14 @@ class ChatSession:
             if any(m.placeholder in h.get("content", "") for h in history):
                 raise PillError(f"{m.label}s in earlier turns are not supported here; put them in the new prompt")
 
-    def _decode(self, name: str, items: Sequence) -> list:
-        m = modality(name)
-        if name == "image":
-            from PIL import Image
+    @staticmethod
+    def _decode(name: str, items: Sequence) -> list:
+        """Paths and encoded bytes are read with the modality's loader; decoded inputs (a PIL image)
+        pass through."""
+        import os
 
-            return [x if isinstance(x, Image.Image) else m.load(x) for x in items]
-        return [m.load(x) if isinstance(x, (str, bytes, bytearray)) else x for x in items]
+        m = modality(name)
+        return [m.load(x) if isinstance(x, (str, bytes, bytearray, os.PathLike)) else x for x in items]
 
     def ask(self, prompt: str, images: Sequence = (), stream: Optional[Callable[[str], None]] = None,
             inputs: Optional[dict[str, Sequence]] = None) -> str:
