@@ -136,6 +136,8 @@ class PillVLM(nn.Module):
         # system message of chat(); None: the chat template's default (load_run sets the run's)
         self.system_prompt: Optional[str] = None
         self._cache_kw = _cache_kw(self.decoder)
+        # the batch keys this model reads: each modality's inputs and cached features
+        self._input_keys = {k for m in self.modalities.values() for k in (m.inputs_key, m.features_key)}
         self.set_stage("finetune")
 
     # -- construction ----------------------------------------------------------------------
@@ -372,9 +374,8 @@ class PillVLM(nn.Module):
                 given: the LM head then runs only on answer positions, which saves most of its cost).
         """
         if inputs_embeds is None:
-            keys = {k for m in self.modalities.values() for k in (m.inputs_key, m.features_key)}
             inputs_embeds = self.embed(input_ids, modality_ids,
-                                       **{k: v for k, v in modality_inputs.items() if k in keys})
+                                       **{k: v for k, v in modality_inputs.items() if k in self._input_keys})
         B, T = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=inputs_embeds.device)
@@ -435,8 +436,8 @@ class PillVLM(nn.Module):
         B = input_ids.shape[0]
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
         modality_ids = None if modality_ids is None else modality_ids.to(self.device)
-        keys = {k for m in self.modalities.values() for k in (m.inputs_key, m.features_key)}
-        embeds = self.embed(input_ids, modality_ids, **{k: v for k, v in modality_inputs.items() if k in keys})
+        embeds = self.embed(input_ids, modality_ids,
+                            **{k: v for k, v in modality_inputs.items() if k in self._input_keys})
         eos = self.eos_token_ids(eos_token_id)
         eos_ids = torch.tensor(sorted(eos), device=self.device) if eos else None  # built once, not per step
         pad = self.processor.pad_token_id if self.processor is not None else (min(eos) if eos else 0)

@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..data.images import load_image
-from ..errors import DataError
 
 ImageRef = Union[str, bytes]
 INDEX = "index.json"

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -31,6 +31,14 @@ from ..processor import IGNORE_INDEX
 from ..checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, load_weights, rng_state,
                          save_resume_state, save_weights, set_rng_state)
 from ..runconfig import TrainConfig, check_inputs, save_config
+
+
+if TYPE_CHECKING:
+    import accelerate
+
+    from ..data.collate import Collator, LengthGroupedBatchSampler, PillDataset
+    from ..vlm import PillVLM
+    from .features import FeatureCache
 
 
 class TrainingError(PillError):
@@ -69,7 +77,6 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     """Build everything a run needs. ``vlm``: a ready model (tests pass tiny ones)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from transformers import get_cosine_schedule_with_warmup
 
     from ..data.collate import Collator, LengthGroupedBatchSampler, PillDataset
 
