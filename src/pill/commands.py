@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-import torch
-
 from .config import PillConfig
 from .cli import positive_int
 from .errors import ConfigError, PillError
@@ -21,6 +19,8 @@ def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: 
     ``vpg_layer``: its layer whose output the projector reads (EfficientNet: a block; default the head).
     Returns ``{"llm", "vpg", "stage", "rows": [...], "trainable": int}``.
     """
+    import torch
+
     from .encoders import meta_encoder
     from .models import LLM_PRESETS, build_llm_from_config, build_llm_preset
     from .vlm import PillVLM
@@ -100,7 +100,7 @@ def _demo(args) -> int:
 
 def _demo_pool(text: str) -> int:
     """--pool of the demo: 1 .. the grid of the demo encoder's block 10 (14)."""
-    from .encoders.efficientnet import feature_grid
+    from .encoders.efficientnet_blocks import feature_grid
 
     grid = feature_grid(10)
     value = positive_int(text)
@@ -127,11 +127,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
-    from .encoders import encoder_names, get_encoder
+    from .encoders import encoder_names
 
     p = sub.add_parser("params", help="trainable-parameter table (built on the meta device, no download)")
     p.add_argument("--llm", default="llama2-7b", help="preset (llama2-7b, smollm2-135m), HF folder or hub id")
-    p.add_argument("--vpg", default="blip2-qformer", choices=[n for n in encoder_names() if get_encoder(n).meta],
+    p.add_argument("--vpg", default="blip2-qformer", choices=encoder_names(),
                    help="encoder (its meta-device preset shapes; default blip2-qformer)")
     p.add_argument("--stage", default="finetune", choices=["align", "finetune"])
     p.add_argument("--config", help="YAML file whose 'pill:' section sets the plug-in config (and 'model: vpg_layer' "
