@@ -1,4 +1,4 @@
-"""Core sub-commands: ``pill params`` and ``pill demo``."""
+"""Core sub-commands: ``pill params``, ``pill demo``, and ``pill card`` / ``pill push`` (the Hub)."""
 from __future__ import annotations
 
 import argparse
@@ -109,7 +109,47 @@ def _demo_pool(text: str) -> int:
     return value
 
 
+def _card(args) -> int:
+    from .hub import write_model_card
+
+    print(f"wrote {write_model_card(args.run, repo_id=args.repo)}")
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import export_run, push_run
+
+    if args.to_folder:
+        print(f"wrote {export_run(args.run, args.to_folder, repo_id=args.repo)}")
+        return 0
+    print(f"uploaded {args.run} -> {push_run(args.run, args.repo, private=args.private, message=args.message)}")
+    return 0
+
+
+def _repo_id(text: str) -> str:
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+        raise argparse.ArgumentTypeError(f"must be a Hub repository id user/name, got {text!r}")
+    return text
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("card", help="write a finished run's model card (RUN/README.md, Hub format)")
+    p.add_argument("run", metavar="RUN", help="a finished run directory")
+    p.add_argument("--repo", type=_repo_id, metavar="ID", help="the Hub id the card names for loading (user/name)")
+    p.set_defaults(func=_card)
+
+    p = sub.add_parser("push", help="upload a finished run to a Hugging Face Hub model repository",
+                       description="Write the model card, then upload the run (config, trained tensors, card, "
+                                   "metrics, gates, scores; no resume states or logs) with huggingface_hub. "
+                                   "Log in first (huggingface-cli login, or HF_TOKEN).")
+    p.add_argument("run", metavar="RUN", help="a finished run directory")
+    p.add_argument("--repo", required=True, type=_repo_id, metavar="ID", help="Hub repository id, user/name")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--to-folder", metavar="DIR", help="lay the repository out in DIR instead of uploading")
+    p.set_defaults(func=_push)
+
     p = sub.add_parser("demo", help="the whole method on CPU: benchmark, before/after, two training stages")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a few steps on a tiny benchmark (checks the pipeline)")

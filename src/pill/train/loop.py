@@ -30,6 +30,7 @@ from ..data.collate import batch_refs
 from ..processor import IGNORE_INDEX
 from ..checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, load_weights, rng_state,
                          save_resume_state, save_weights, set_rng_state)
+from ..hub import write_model_card
 from ..io import write_atomic
 from ..runconfig import TrainConfig, check_inputs, save_config
 from . import tracking
@@ -310,6 +311,7 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
         gates = _measure_gates(s)
         if gates["layers"]:
             write_atomic(run_dir / "gates.json", json.dumps(gates))
+        write_model_card(run_dir, plot=False)  # the run folder is a Hub model repository (pill push)
         if cfg.train.report_to:
             acc.log(tracking.gate_scalars(gates), step=step)
     if cfg.train.report_to:
