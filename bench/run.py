@@ -5,7 +5,8 @@
     python bench/run.py --smoke         # tiny random model, one repetition: checks the plumbing only
     python bench/run.py --only routing,paper_scale --out r.json
 
-Items: step_time (1), routing (2), generation (3), feature_cache (4), memory (5), paper_scale (6).
+Items: step_time (1), routing (2), generation (3), feature_cache (4), memory (5), paper_scale (6),
+cli_startup (7: ``pill --help`` and argument errors, each in a fresh process).
 Every ratio in the JSON is measured within this one run. The device is picked automatically
 (CUDA with bf16 autocast when available, else CPU in float32).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` as a package, from any cwd
 
-ITEMS = ("step_time", "routing", "generation", "feature_cache", "memory", "paper_scale")
+ITEMS = ("step_time", "routing", "generation", "feature_cache", "memory", "paper_scale", "cli_startup")
 
 # Repetitions and sizes per mode. Full: about 17 min on 2 CPU cores (one thread); quick: about 4 min.
 MODES = {
@@ -31,18 +32,18 @@ MODES = {
                  step_warmup=1, step_reps=4, step_warmup_length=None, memory_length=512,
                  routing_fractions=[0.1, 0.5, 0.9], routing_warmup=5, routing_reps=30,
                  gen_tokens=64, gen_warmup=1, gen_reps=5, cache_images=32, cache_batch=8, cache_warmup=1,
-                 cache_reps=2, paper_measure=True, paper_frozen=True),
+                 cache_reps=2, paper_measure=True, paper_frozen=True, cli_reps=5),
     # quick: only the contenders the required ratios need; the memory step at length 128
     "quick": dict(model="embedded", contenders=("pill", "frozen", "lora"), lengths=[512],
                   step_warmup=1, step_reps=2, step_warmup_length=None, memory_length=128,
                   routing_fractions=[0.1, 0.5, 0.9], routing_warmup=3, routing_reps=10,
                   gen_tokens=16, gen_warmup=1, gen_reps=2, cache_images=8, cache_batch=4, cache_warmup=0,
-                  cache_reps=1, paper_measure=False, paper_frozen=False),
+                  cache_reps=1, paper_measure=False, paper_frozen=False, cli_reps=3),
     "smoke": dict(model="tiny", contenders=("pill", "frozen", "lora", "full"), lengths=[128, 256, 512],
                   step_warmup=0, step_reps=1, step_warmup_length=None, memory_length=128,
                   routing_fractions=[0.1, 0.5, 0.9], routing_warmup=0, routing_reps=1,
                   gen_tokens=4, gen_warmup=0, gen_reps=1, cache_images=4, cache_batch=2, cache_warmup=0,
-                  cache_reps=1, paper_measure=False, paper_frozen=False),
+                  cache_reps=1, paper_measure=False, paper_frozen=False, cli_reps=1),
 }
 
 TARGETS = {  # key -> (comparison, bound, inner key that the target applies to)
@@ -52,6 +53,7 @@ TARGETS = {  # key -> (comparison, bound, inner key that the target applies to)
     "generation_ratio_vs_base": (">=", 0.90, None),
     "feature_cache_speedup": (">=", 2.0, None),
     "peak_memory_ratio_vs_frozen": ("<=", 1.10, None),
+    "cli_startup_seconds": ("<=", 0.5, None),  # the slowest of help / sub-command help / argument error
 }
 
 
@@ -110,7 +112,7 @@ def run(args) -> dict:
         return out
 
     t_all = time.perf_counter()
-    from bench import feature_cache, generation, paper_scale, routing, training
+    from bench import cli_startup, feature_cache, generation, paper_scale, routing, training
 
     r = timed_item("step_time", lambda: training.bench_step_time(
         cfg["lengths"], cfg["model"], device, cfg["step_warmup"], cfg["step_reps"], contenders=cfg["contenders"],
@@ -160,6 +162,12 @@ def run(args) -> dict:
             "trainable_stage2", "trainable_stage1", "optimizer_state_bytes", "weight_bytes_bf16",
             "trainable_bytes", "activation_bytes", "total_bytes", "fits_48gb", "activation_formula")}
         result["paper_scale"]["fits_48gb_stage2"] = all(result["paper_scale"]["fits_48gb"]["no_checkpointing"].values())
+
+    r = timed_item("cli_startup", lambda: cli_startup.bench_cli_startup(
+        warmup=1 if cfg["cli_reps"] > 1 else 0, reps=cfg["cli_reps"], log=_log))
+    if r:
+        result["cli_startup_seconds"] = r["slowest_median_s"]
+        result["cli_startup_cpu_seconds"] = r["slowest_median_cpu_s"]
 
     meta["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
     result["targets"] = _targets(result)
@@ -252,6 +260,13 @@ def details(result: dict) -> str:
                 f"VPG epoch breakdown: load + preprocess {b['load_preprocess_s']:.2f} s, VPG {b['vpg_s']:.2f} s, "
                 f"LLM step {b['llm_step_s']:.2f} s; cache reads {b['cache_read_s']:.3f} s per epoch. "
                 f"Upper bound on the speed-up (Amdahl): {c['amdahl_bound']:.2f}x.", ""]
+    if "cli_startup" in d:
+        c = d["cli_startup"]
+        out += [f"Command-line start-up, seconds per call in a fresh process (median of {c['reps']})", "",
+                "| call | median wall | max wall | median CPU |", "|---|---:|---:|---:|"]
+        for n, cmd in c["calls"].items():
+            out.append(f"| `{cmd}` | {c['median_s'][n]:.3f} | {c['max_s'][n]:.3f} | {c['median_cpu_s'][n]:.3f} |")
+        out.append("")
     return "\n".join(out)
 
 

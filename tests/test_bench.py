@@ -16,6 +16,7 @@ REQUIRED = {
     "generation_ratio_vs_base": None,
     "feature_cache_speedup": None,
     "peak_memory_ratio_vs_frozen": None,
+    "cli_startup_seconds": None,
 }
 
 

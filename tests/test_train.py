@@ -85,7 +85,7 @@ def test_two_stages_end_to_end(tmp_path, synth_root, feature_dir):
     s1 = train(cfg1, tmp_path / "align", progress=False)
     assert s1["steps"] == 3  # 24 samples / batch 8
     files = sorted(p.name for p in (tmp_path / "align").iterdir())
-    assert files == ["checkpoints", "config.yaml", "metrics.jsonl", "pill.safetensors"]
+    assert files == ["README.md", "checkpoints", "config.yaml", "gates.json", "metrics.jsonl", "pill.safetensors"]
     w1 = weights(tmp_path / "align")
     # stage 1 trains the projector and the image experts only
     assert all(k == "pill_projector.image.weight" or ".experts.1." in k for k in w1)

@@ -106,18 +106,41 @@ def run_chain(run_dir: str | Path) -> list[Path]:
     return list(reversed(chain))
 
 
+HUB_FILES = ["config.yaml", "pill.safetensors", "README.md", "gates.json"]
+
+
+def resolve_run(run: str | Path) -> Path:
+    """A local run folder as is; otherwise ``run`` is a Hub model repository id (``user/name``,
+    optionally ``user/name@revision``), downloaded with ``huggingface_hub.snapshot_download``
+    (only the files a run needs) into the Hub cache."""
+    path = Path(run)
+    text = str(run)
+    repo, _, revision = text.partition("@")
+    if path.exists() or text.startswith((".", "/", "~")) or repo.count("/") != 1 or not all(repo.split("/")):
+        return path  # a local path (run_chain names what is missing there)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, no such repository, no permission: one line
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{run}: not a local run directory, and the Hub did not provide it "
+                              f"({type(e).__name__}: {reason[:300]})") from None
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", dtype: Optional["torch.dtype"] = None):
     """Rebuild the model of a finished training run and load its trained plug-ins.
 
-    Reads ``run_dir/config.yaml`` (models, plug-in config) and ``run_dir/pill.safetensors``; the
-    checkpoint's fingerprints must match the base LLM and encoders loaded now. When the run started
-    from an earlier stage (``init_from``), tensors that this stage did not train come from there.
-    Sets ``vlm.run_info`` = {run_dir, stages, llm, vpg} and ``vlm.system_prompt`` (the run's
-    ``data.system_prompt``).
+    ``run_dir``: a run folder, or a Hub model repository id (``user/name``, see :func:`resolve_run`)
+    that ``pill push`` uploaded. Reads ``config.yaml`` (models, plug-in config) and
+    ``pill.safetensors``; the checkpoint's fingerprints must match the base LLM and encoders loaded
+    now. When the run started from an earlier stage (``init_from``), tensors that this stage did not
+    train come from there. Sets ``vlm.run_info`` = {run_dir, stages, llm, vpg} and
+    ``vlm.system_prompt`` (the run's ``data.system_prompt``).
     """
     from .checkpoint import WEIGHTS, load_weights
 
-    run_dir = Path(run_dir)
+    run_dir = resolve_run(run_dir)
     chain = run_chain(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     if dtype is not None:
@@ -128,7 +151,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: Optional["torch.dt
     for d in chain:  # earliest stage first; later stages overwrite what they trained
         tensors, meta = load_weights(d / WEIGHTS, expect)
         vlm.load_pill_state_dict(tensors)
-        stages.append(meta.get("stage", "?"))
+        stages += meta.get("stages") or [meta.get("stage", "?")]  # an exported run merges its stages
     vlm.set_stage(cfg.stage)
     vlm.eval()
     vlm.run_info = {"run_dir": str(run_dir), "stages": stages, "llm": cfg.model.llm, "vpg": cfg.model.vpg}
@@ -151,5 +174,5 @@ def load_model(run: Optional[str] = None, device: str = "cpu", *, quiet: bool = 
     return PillVLM.from_pretrained(device=device).eval()
 
 
-__all__ = ["build_vlm", "load_dataset_samples", "load_run", "load_model", "run_chain", "fingerprints",
+__all__ = ["build_vlm", "load_dataset_samples", "load_run", "resolve_run", "load_model", "run_chain", "fingerprints",
            "load_encoder_from_config", "UNTRAINED_NOTE"]

@@ -1,10 +1,8 @@
-"""Core sub-commands: ``pill params`` and ``pill demo``."""
+"""Core sub-commands: ``pill params``, ``pill demo``, and ``pill card`` / ``pill push`` (the Hub)."""
 from __future__ import annotations
 
 import argparse
 from typing import Optional
-
-import torch
 
 from .config import PillConfig
 from .cli import positive_int
@@ -21,6 +19,8 @@ def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: 
     ``vpg_layer``: its layer whose output the projector reads (EfficientNet: a block; default the head).
     Returns ``{"llm", "vpg", "stage", "rows": [...], "trainable": int}``.
     """
+    import torch
+
     from .encoders import meta_encoder
     from .models import LLM_PRESETS, build_llm_from_config, build_llm_preset
     from .vlm import PillVLM
@@ -100,7 +100,7 @@ def _demo(args) -> int:
 
 def _demo_pool(text: str) -> int:
     """--pool of the demo: 1 .. the grid of the demo encoder's block 10 (14)."""
-    from .encoders.efficientnet import feature_grid
+    from .encoders.efficientnet_blocks import feature_grid
 
     grid = feature_grid(10)
     value = positive_int(text)
@@ -109,7 +109,47 @@ def _demo_pool(text: str) -> int:
     return value
 
 
+def _card(args) -> int:
+    from .hub import write_model_card
+
+    print(f"wrote {write_model_card(args.run, repo_id=args.repo)}")
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import export_run, push_run
+
+    if args.to_folder:
+        print(f"wrote {export_run(args.run, args.to_folder, repo_id=args.repo)}")
+        return 0
+    print(f"uploaded {args.run} -> {push_run(args.run, args.repo, private=args.private, message=args.message)}")
+    return 0
+
+
+def _repo_id(text: str) -> str:
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+        raise argparse.ArgumentTypeError(f"must be a Hub repository id user/name, got {text!r}")
+    return text
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("card", help="write a finished run's model card (RUN/README.md, Hub format)")
+    p.add_argument("run", metavar="RUN", help="a finished run directory")
+    p.add_argument("--repo", type=_repo_id, metavar="ID", help="the Hub id the card names for loading (user/name)")
+    p.set_defaults(func=_card)
+
+    p = sub.add_parser("push", help="upload a finished run to a Hugging Face Hub model repository",
+                       description="Write the model card, then upload the run (config, trained tensors, card, "
+                                   "metrics, gates, scores; no resume states or logs) with huggingface_hub. "
+                                   "Log in first (huggingface-cli login, or HF_TOKEN).")
+    p.add_argument("run", metavar="RUN", help="a finished run directory")
+    p.add_argument("--repo", required=True, type=_repo_id, metavar="ID", help="Hub repository id, user/name")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--to-folder", metavar="DIR", help="lay the repository out in DIR instead of uploading")
+    p.set_defaults(func=_push)
+
     p = sub.add_parser("demo", help="the whole method on CPU: benchmark, before/after, two training stages")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a few steps on a tiny benchmark (checks the pipeline)")
@@ -127,11 +167,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
-    from .encoders import encoder_names, get_encoder
+    from .encoders import encoder_names
 
     p = sub.add_parser("params", help="trainable-parameter table (built on the meta device, no download)")
     p.add_argument("--llm", default="llama2-7b", help="preset (llama2-7b, smollm2-135m), HF folder or hub id")
-    p.add_argument("--vpg", default="blip2-qformer", choices=[n for n in encoder_names() if get_encoder(n).meta],
+    p.add_argument("--vpg", default="blip2-qformer", choices=encoder_names(),
                    help="encoder (its meta-device preset shapes; default blip2-qformer)")
     p.add_argument("--stage", default="finetune", choices=["align", "finetune"])
     p.add_argument("--config", help="YAML file whose 'pill:' section sets the plug-in config (and 'model: vpg_layer' "

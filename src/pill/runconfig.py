@@ -149,6 +149,10 @@ class OptimConfig:
             raise ConfigError(f"betas: must be two numbers, got {self.betas}")
 
 
+# The experiment trackers of Hugging Face accelerate (accelerate.utils.LoggerType), by config name.
+REPORT_TO = ("tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab")
+
+
 @dataclass
 class RunConfig:
     """Engine settings: precision, checkpoints, logging, caches."""
@@ -164,7 +168,11 @@ class RunConfig:
     save_every: int = 100  # optimizer steps between resumable checkpoints
     keep_last: int = 2
     log_every: int = 1
-    tensorboard: bool = False
+    # Experiment trackers (accelerate's): loss, learning rate, tokens/s and gradient norm every
+    # log_every steps, mean |tanh(gate)| per layer at every save. Names: REPORT_TO; "all": every
+    # one installed. TensorBoard writes under <run>/logs.
+    report_to: list[str] = field(default_factory=list)
+    tensorboard: bool = False  # the same as report_to: [tensorboard] (older configs)
     feature_cache: bool = True  # compute frozen VPG features once, reuse them every epoch
     cache_dir: Optional[str] = None  # default: <pill cache>/features
     output_dir: Optional[str] = None
@@ -172,6 +180,12 @@ class RunConfig:
     def __post_init__(self):
         if self.save_every < 1 or self.keep_last < 1 or self.log_every < 1:
             raise ConfigError("save_every, keep_last and log_every: must be >= 1")
+        for name in self.report_to:
+            if name not in REPORT_TO and name != "all":
+                raise ConfigError(f"report_to: unknown tracker {name!r}; choose from {', '.join(REPORT_TO)} or all")
+        if self.tensorboard and "tensorboard" not in self.report_to:
+            self.report_to.append("tensorboard")
+        self.report_to = list(dict.fromkeys(self.report_to))
 
 
 @dataclass

@@ -6,15 +6,15 @@ calls :func:`register_encoder` instead.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from ..errors import ConfigError
-from .base import Encoder
-from .blip2 import Blip2VPG
-from .clip import ClipVPG
-from .dinov2 import Dinov2VPG
-from .efficientnet import LAYERS as EFFICIENTNET_LAYERS, EfficientNetVPG, pool_range as efficientnet_pools
+from .efficientnet_blocks import LAYERS as EFFICIENTNET_LAYERS, pool_range as efficientnet_pools
+
+if TYPE_CHECKING:
+    from .base import Encoder
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,8 @@ class EncoderEntry:
     Fields:
         name: the name configs use (``model.vpg``).
         modality: the modality it encodes (``image``; ``audio`` next).
-        cls: the encoder class.
+        cls: the encoder class, or ``"module:Class"``: imported when first used, so that listing
+            and validating encoders (``pill --help``, config checks) loads no torch.
         path_hint: what ``vpg_path`` must name (e.g. "a BLIP-2 checkpoint folder or hub id");
             None: the encoder needs no checkpoint path.
         layer_hint: what ``vpg_layer`` picks (e.g. "a block index"); None: no layer choice.
@@ -38,19 +39,32 @@ class EncoderEntry:
 
     name: str
     modality: str
-    cls: type
+    cls: Union[type, str]
     path_hint: Optional[str] = None
     layer_hint: Optional[str] = None
     layers: Optional[range] = None
     pools: Optional[Callable[[Optional[int]], range]] = None
-    build: Optional[Callable[..., Encoder]] = None
-    meta: Optional[Callable[..., Encoder]] = None
+    build: Optional[Callable[..., "Encoder"]] = None
+    meta: Optional[Callable[..., "Encoder"]] = None
 
     def __post_init__(self):
-        if self.build is None:
-            object.__setattr__(self, "build", getattr(self.cls, "build"))
-        if self.meta is None:
-            object.__setattr__(self, "meta", getattr(self.cls, "meta", None))
+        if not isinstance(object.__getattribute__(self, "cls"), str):
+            self._resolve(self.cls)
+
+    def __getattribute__(self, attr):
+        if attr in ("cls", "build", "meta"):
+            cls = object.__getattribute__(self, "cls")
+            if isinstance(cls, str):  # first use of a lazily named class
+                module, _, name = cls.partition(":")
+                object.__getattribute__(self, "_resolve")(getattr(importlib.import_module(module), name))
+        return object.__getattribute__(self, attr)
+
+    def _resolve(self, cls: type) -> None:
+        object.__setattr__(self, "cls", cls)
+        if object.__getattribute__(self, "build") is None:
+            object.__setattr__(self, "build", getattr(cls, "build"))
+        if object.__getattribute__(self, "meta") is None:
+            object.__setattr__(self, "meta", getattr(cls, "meta", None))
 
     @property
     def needs_path(self) -> bool:
@@ -87,12 +101,13 @@ class EncoderEntry:
 
 CLIP_HINT = "a CLIP or SigLIP checkpoint folder or hub id (e.g. openai/clip-vit-large-patch14-336)"
 ENCODERS = [
-    EncoderEntry("efficientnet-lite0", "image", EfficientNetVPG, layer_hint="a block index",
-                 layers=EFFICIENTNET_LAYERS, pools=efficientnet_pools),
-    EncoderEntry("blip2-qformer", "image", Blip2VPG,
+    EncoderEntry("efficientnet-lite0", "image", "pill.encoders.efficientnet:EfficientNetVPG",
+                 layer_hint="a block index", layers=EFFICIENTNET_LAYERS, pools=efficientnet_pools),
+    EncoderEntry("blip2-qformer", "image", "pill.encoders.blip2:Blip2VPG",
                  path_hint="a BLIP-2 checkpoint folder or hub id (e.g. Salesforce/blip2-opt-2.7b)"),
-    EncoderEntry("clip", "image", ClipVPG, path_hint=CLIP_HINT, layer_hint="a hidden-state index (default -2)"),
-    EncoderEntry("dinov2", "image", Dinov2VPG, path_hint="a DINOv2 checkpoint folder or hub id "
+    EncoderEntry("clip", "image", "pill.encoders.clip:ClipVPG", path_hint=CLIP_HINT,
+                 layer_hint="a hidden-state index (default -2)"),
+    EncoderEntry("dinov2", "image", "pill.encoders.dinov2:Dinov2VPG", path_hint="a DINOv2 checkpoint folder or hub id "
                  "(e.g. facebook/dinov2-large)", layer_hint="a hidden-state index (default -2)"),
 ]
 
@@ -135,7 +150,7 @@ def validate_encoder_settings(name: str, path: Optional[str] = None, layer: Opti
 
 
 def load_encoder(name: str, path: Optional[str] = None, *, layer: Optional[int] = None, pool: Optional[int] = None,
-                 pretrained: bool = True) -> Encoder:
+                 pretrained: bool = True) -> "Encoder":
     """Build the frozen encoder ``name`` (see :data:`ENCODERS`).
 
     Args:
@@ -152,7 +167,7 @@ def load_encoder(name: str, path: Optional[str] = None, *, layer: Optional[int] 
     return _REGISTRY[name].build(path, layer, pool, pretrained).freeze()
 
 
-def meta_encoder(name: str, layer: Optional[int] = None, pool: Optional[int] = None) -> Encoder:
+def meta_encoder(name: str, layer: Optional[int] = None, pool: Optional[int] = None) -> "Encoder":
     """The encoder's shapes on the meta device (no weights, no download), for parameter counts."""
     entry = get_encoder(name)
     if entry.meta is None:

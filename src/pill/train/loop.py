@@ -30,7 +30,10 @@ from ..data.collate import batch_refs
 from ..processor import IGNORE_INDEX
 from ..checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, load_weights, rng_state,
                          save_resume_state, save_weights, set_rng_state)
+from ..hub import write_model_card
+from ..io import write_atomic
 from ..runconfig import TrainConfig, check_inputs, save_config
+from . import tracking
 
 
 if TYPE_CHECKING:
@@ -76,7 +79,7 @@ class Setup:
 def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = True) -> Setup:
     """Build everything a run needs. ``vlm``: a ready model (tests pass tiny ones)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from ..data.collate import Collator, LengthGroupedBatchSampler, PillDataset
 
@@ -88,9 +91,12 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
         AcceleratorState._reset_state()
     # cpu=True on machines without CUDA makes accelerate use gloo when launched with several processes.
     precision = resolve_precision(cfg.train.mixed_precision)
-    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     run_dir = Path(run_dir)
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                              log_with=cfg.train.report_to or None,
+                              project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                                  logging_dir=str(tracking.logging_dir(run_dir))))
     seed_everything(cfg.train.seed)
     if vlm is None:
         vlm = build_vlm(cfg, device=str(accelerator.device))
@@ -250,7 +256,9 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
             print(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from the beginning")
     total = min(s.total_steps, max_steps) if max_steps else s.total_steps
     metrics_path = run_dir / "metrics.jsonl"
-    writer = _tensorboard(cfg, run_dir) if main else None
+    if cfg.train.report_to:
+        acc.init_trackers(tracking.PROJECT, config=tracking.hyperparameters(cfg),
+                          init_kwargs=tracking.init_kwargs(cfg, run_dir))
     meta = {"pill_version": __version__, "stage": cfg.stage, "model": cfg.model.llm, "vpg": cfg.model.vpg,
             "config": cfg.to_dict(), **s.fingerprints}
     if main:
@@ -270,8 +278,9 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
         if not math.isfinite(loss_sum):
             raise TrainingError(f"step {step + 1}: loss is {loss_sum}; stopping. The last good checkpoint is "
                                 f"kept in {run_dir}/checkpoints (lower optim.lr or check the data)")
-        if cfg.optim.grad_clip:
-            acc.clip_grad_norm_([p for p in s.vlm.parameters() if p.requires_grad], cfg.optim.grad_clip)
+        # the norm before clipping (no grad_clip: an infinite bound, which leaves the gradients as they are)
+        grad_norm = float(acc.clip_grad_norm_([p for p in s.vlm.parameters() if p.requires_grad],
+                                              cfg.optim.grad_clip or math.inf))
         s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
@@ -284,21 +293,29 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == total:
+                tok_s = tokens_seen / max(elapsed, 1e-9)
                 rec = {"step": step, "epoch": epoch, "stage": cfg.stage, "loss": last_loss, "lr": lr,
-                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed}
+                       "tokens_per_s": tok_s, "grad_norm": grad_norm, "elapsed_s": elapsed}
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                if writer is not None:
-                    writer.add_scalar("loss", last_loss, step)
-                    writer.add_scalar("lr", lr, step)
+                if cfg.train.report_to:
+                    acc.log(tracking.step_scalars(last_loss, lr, tok_s, grad_norm), step=step)
         if step % cfg.train.save_every == 0 and step < total:
             _save_resume(s, step, meta)
+            if main and cfg.train.report_to:
+                acc.log(tracking.gate_scalars(_measure_gates(s)), step=step)
     bar.close()
     acc.wait_for_everyone()
     if main:
         save_weights(run_dir / WEIGHTS, s.vlm.pill_state_dict(), {**meta, "step": step})
-        if writer is not None:
-            writer.close()
+        gates = _measure_gates(s)
+        if gates["layers"]:
+            write_atomic(run_dir / "gates.json", json.dumps(gates))
+        write_model_card(run_dir, plot=False)  # the run folder is a Hub model repository (pill push)
+        if cfg.train.report_to:
+            acc.log(tracking.gate_scalars(gates), step=step)
+    if cfg.train.report_to:
+        acc.end_training()
     return {"run_dir": str(run_dir), "steps": step, "final_loss": last_loss, "trainable": s.vlm.num_trainable()}
 
 
@@ -330,14 +347,7 @@ def _train_step(s: Setup, global_batch: list[int], W: int, rank: int) -> tuple[f
         dummy = not chunk  # this process has no sample left: run one with zero weight to keep DDP in step
         if dummy:
             chunk = items_all[:1]
-        batch = _to_device(s.collator(chunk), acc.device)
-        for name, refs in batch_refs(batch).items():
-            if name in s.features:
-                keys = [s.feature_keys[name][r] for r in refs]
-                batch[s.vlm.modalities[name].features_key] = s.features[name].get(keys).to(acc.device)
-        for mod in s.vlm.modalities.values():
-            batch.pop(mod.refs_key, None)
-        batch.pop("ids", None)
+        batch = _model_batch(s, chunk)
         sync = j == n_micro - 1
         ctx = acc.no_sync(s.model) if not sync and W > 1 else _null()
         with ctx, acc.autocast():
@@ -355,22 +365,34 @@ def _train_step(s: Setup, global_batch: list[int], W: int, rank: int) -> tuple[f
     return local_loss, n_global, seq_tokens
 
 
+def _model_batch(s: Setup, items: list) -> dict:
+    """Collate dataset items into the model's keyword arguments, on the device; cached encoder
+    features replace the raw inputs."""
+    batch = _to_device(s.collator(items), s.accelerator.device)
+    for name, refs in batch_refs(batch).items():
+        if name in s.features:
+            keys = [s.feature_keys[name][r] for r in refs]
+            batch[s.vlm.modalities[name].features_key] = s.features[name].get(keys).to(s.accelerator.device)
+    for mod in s.vlm.modalities.values():
+        batch.pop(mod.refs_key, None)
+    batch.pop("ids", None)
+    return batch
+
+
+def _measure_gates(s: Setup) -> dict:
+    """Mean |tanh(gate)| per plugged layer (:meth:`PillVLM.measure_gates`) on the same few training
+    samples every time (the first of the first epoch's first batch), so values compare across saves."""
+    items = [s.dataset[i] for i in s.sampler.batches(0)[0][:s.cfg.optim.micro_batch_size]]
+    with s.accelerator.autocast():
+        return s.vlm.measure_gates(**_model_batch(s, items))
+
+
 class _null:
     def __enter__(self):
         return self
 
     def __exit__(self, *a):
         return False
-
-
-def _tensorboard(cfg: TrainConfig, run_dir: Path):
-    if not cfg.train.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise TrainingError("train.tensorboard: the tensorboard package is not installed (pip install tensorboard)")
-    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def train(cfg: TrainConfig, output_dir: str | Path | None = None, *, resume: bool = False,
@@ -383,5 +405,6 @@ def train(cfg: TrainConfig, output_dir: str | Path | None = None, *, resume: boo
         raise TrainingError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
                             "or choose another --output")
     check_inputs(cfg)  # before any model is loaded
+    tracking.check_trackers(cfg)
     s = setup(cfg, run_dir, vlm=vlm, progress=progress)
     return fit(s, resume=resume, max_steps=max_steps, progress=progress)
