@@ -238,11 +238,15 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
     if resume:
         ckpts = list_checkpoints(run_dir)
         if ckpts:
-            tensors, state = load_resume_state(ckpts[-1])
+            tensors, state = load_resume_state(ckpts[-1], s.fingerprints)
             s.vlm.load_pill_state_dict(tensors)
-            s.optimizer.load_state_dict(state["optimizer"])
-            s.scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+            try:
+                s.optimizer.load_state_dict(state["optimizer"])
+                s.scheduler.load_state_dict(state["scheduler"])
+                set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{ckpts[-1]}: the resume state does not fit this run "
+                                      f"({type(e).__name__}: {e})") from None
             step = state["step"]
             if main:
                 print(f"resuming from {ckpts[-1]} (step {step})")
