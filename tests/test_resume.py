@@ -1,6 +1,7 @@
 """Resuming a run: its state loads without running code, and a resumed run is the run it claims to be."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -93,8 +94,91 @@ def test_a_malformed_resume_state_is_a_clear_error(run_copy):
     run, _ = run_copy
     ckpt = run / "checkpoints" / "step-000001"
     (ckpt / "state.json").write_text('{"step": {"__tensor__": "999"}}')
-    with pytest.raises(CheckpointError, match="cannot read resume state"):
+    with pytest.raises(CheckpointError, match=r"state\.json: damaged .*delete step-000001"):
         load_resume_state(ckpt)
-    (ckpt / "state.json").write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match="state.json"):
-        load_resume_state(ckpt)
+    complete = json.loads((ckpt / "COMPLETE").read_text())
+    for text in ('{"step": {"__tensor__": "999"}}', "[1, 2]"):  # recorded as it is: still refused, clearly
+        (ckpt / "state.json").write_text(text)
+        complete["sha256"]["state.json"] = hashlib.sha256(text.encode()).hexdigest()
+        (ckpt / "COMPLETE").write_text(json.dumps(complete))
+        with pytest.raises(CheckpointError, match=r"state\.json: (cannot read resume state|not a pill resume)"):
+            load_resume_state(ckpt)
+
+
+# -- a resumed run is the run it claims to be -------------------------------------------------
+
+def _changed_config(config, tmp_path, changes: dict):
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    for key, value in changes.items():
+        *sections, last = key.split(".")
+        node = data
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("changes, shown", [
+    ({"model.llm": "qwen2"}, "model.llm 'llama' -> 'qwen2'"),
+    ({"model.pool": 1}, "model.pool 2 -> 1"),
+    ({"optim.lr": 1.0e-3}, "optim.lr 0.003 -> 0.001"),
+    ({"optim.batch_size": 2}, "optim.batch_size 4 -> 2"),
+    ({"train.seed": 1}, "train.seed 0 -> 1"),
+    ({"pill.r": 8}, "pill.r 32 -> 8"),
+    ({"stage": "align"}, "stage 'finetune' -> 'align'"),
+    ({"pill.layers": [0]}, "pill.layers None -> [0]"),
+    ({"optim.lr": 1.0e-3, "train.seed": 1}, "optim.lr 0.003 -> 0.001; train.seed 0 -> 1"),
+])
+def test_resume_refuses_a_config_that_changes_the_run(run_copy, tmp_path, changes, shown):
+    from pill.runconfig import load_config
+    from pill.train.loop import TrainingError, train
+
+    run, config = run_copy
+    (run / "pill.safetensors").unlink()
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match="changes the run") as e:
+        train(load_config(_changed_config(config, tmp_path, changes)), run, resume=True, progress=False)
+    assert shown in str(e.value)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # config.yaml, checkpoints and metrics untouched
+
+
+def test_safe_changes_are_logged_and_metrics_do_not_repeat_steps(run_copy, tmp_path, capsys):
+    from pill.runconfig import load_config
+    from pill.train.loop import train
+
+    run, config = run_copy
+    (run / "pill.safetensors").unlink()  # killed after step 2 was logged, before it was saved
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    stale = run / "checkpoints" / ".step-000002.abcd"  # a save cut short by the kill
+    stale.mkdir()
+    (stale / "pill.safetensors").write_bytes(b"half")
+    (run / ".pill.safetensors.123.ab12cd34.tmp").write_bytes(b"half")
+    path = _changed_config(config, tmp_path, {"optim.max_steps": 3, "train.log_every": 1, "train.save_every": 5})
+    summary = train(load_config(path), run, resume=True, progress=False)
+    out = capsys.readouterr().out
+    assert "resume: optim.max_steps None -> 3" in out and "resume: train.save_every 1 -> 5" in out
+    assert "removed 2 temporary files" in out and not stale.exists()
+    assert not list(run.glob(".*.tmp"))
+    assert summary["steps"] == 3
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert load_config(run / "config.yaml").optim.max_steps == 3
+
+
+def test_resume_onto_another_base_model_is_refused(run_copy):
+    from pill.build import build_vlm
+    from pill.runconfig import load_config
+    from pill.train.loop import train
+
+    run, config = run_copy
+    cfg = load_config(config)
+    vlm = build_vlm(cfg)
+    with torch.no_grad():  # the same config, other base weights
+        vlm.llm.get_input_embeddings().weight.add_(1.0)
+    with pytest.raises(CheckpointError, match="different base model"):
+        train(cfg, run, resume=True, vlm=vlm, progress=False)
+

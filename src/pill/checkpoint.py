@@ -17,8 +17,8 @@ the previous checkpoint intact; tensors with non-finite values are never written
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -58,9 +58,23 @@ def _check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
                               f"(e.g. {', '.join(bad[:3])})")
 
 
+DIGEST = "tensors_sha256"  # metadata key: SHA-256 of the tensors (names, dtypes, shapes, bytes)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of ``tensors``: names, dtypes, shapes and raw bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _safetensors_payload(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, Any]] = None) -> bytes:
-    return safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                             metadata=_encode_metadata(metadata) if metadata else None)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {**(metadata or {}), DIGEST: tensors_digest(tensors)}
+    return safetensors_bytes(tensors, metadata=_encode_metadata(meta))
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -87,6 +101,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
     out = {}
     for k, v in meta.items():
+        if k == DIGEST:
+            out[k] = v
+            continue
         try:
             out[k] = json.loads(v)
         except (json.JSONDecodeError, TypeError):
@@ -110,6 +127,11 @@ def load_weights(path: str | Path, expect: Optional[dict[str, str]] = None) -> t
                 tensors[k] = f.get_tensor(k)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    if DIGEST in meta and tensors_digest(tensors) != meta[DIGEST]:
+        raise CheckpointError(f"{path}: damaged (its tensors differ from the SHA-256 recorded when it was saved)")
+    bad = nonfinite(tensors)
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or infinite values (e.g. {', '.join(bad[:3])})")
     return tensors, meta
 
 
@@ -205,10 +227,13 @@ def save_resume_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor]
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:06d}."))
-        write_atomic(tmp / WEIGHTS, _safetensors_payload(tensors, metadata))
-        write_atomic(tmp / STATE_TENSORS, payload)
-        write_atomic(tmp / STATE, text)
-        write_atomic(tmp / COMPLETE, str(step))
+        files = {WEIGHTS: _safetensors_payload(tensors, metadata), STATE_TENSORS: payload,
+                 STATE: text.encode("utf-8")}
+        for name, data in files.items():
+            write_atomic(tmp / name, data)
+        # written last: the step and the SHA-256 of each file, checked when the checkpoint is resumed
+        write_atomic(tmp / COMPLETE, json.dumps({"step": step, "sha256": {n: hashlib.sha256(d).hexdigest()
+                                                                          for n, d in files.items()}}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -247,6 +272,27 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return found
 
 
+def _verify_files(ckpt: Path) -> None:
+    """Compare each file of a checkpoint folder with the SHA-256 its ``COMPLETE`` file recorded."""
+    try:
+        record = json.loads((ckpt / COMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{ckpt / COMPLETE}: unreadable ({e}); delete {ckpt.name} to resume from the "
+                              "checkpoint before it") from None
+    digests = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(digests, dict):
+        raise CheckpointError(f"{ckpt / COMPLETE}: records no file digests; delete {ckpt.name} to resume from the "
+                              "checkpoint before it")
+    for name in (WEIGHTS, STATE_TENSORS, STATE):
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing, so {ckpt.name} cannot be resumed (delete the folder to resume "
+                                  "from the checkpoint before it)")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digests.get(name):
+            raise CheckpointError(f"{path}: damaged (its SHA-256 differs from the one recorded when it was saved); "
+                                  f"delete {ckpt.name} to resume from the checkpoint before it")
+
+
 def load_resume_state(ckpt: Path, expect: Optional[dict[str, str]] = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The trained tensors and the resume state (``optimizer``, ``scheduler``, ``rng``, ``step``) of
     a checkpoint folder. ``expect``: fingerprints, as for :func:`load_weights`. A pickled state of
@@ -256,6 +302,7 @@ def load_resume_state(ckpt: Path, expect: Optional[dict[str, str]] = None) -> tu
         raise CheckpointError(f"{ckpt / LEGACY_STATE}: a pickled resume state, which pill does not load because "
                               "unpickling can run code; resume from a checkpoint written by this version, or "
                               "start the run again")
+    _verify_files(ckpt)
     tensors, _ = load_weights(ckpt / WEIGHTS, expect)
     try:
         state = decode_state((ckpt / STATE).read_text(encoding="utf-8"), (ckpt / STATE_TENSORS).read_bytes())
