@@ -128,29 +128,84 @@ def resolve_run(run: str | Path) -> Path:
                               f"({type(e).__name__}: {reason[:300]})") from None
 
 
+def _listed(names: list[str], most: int = 10) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def load_stage(vlm, path: str | Path, cfg: TrainConfig, expect: Optional[dict[str, str]] = None) -> dict:
+    """Load the trained tensors of one finished stage (``path``: its ``pill.safetensors``) into ``vlm``,
+    which ``cfg`` (the stage being built) describes; returns the file's metadata.
+
+    Errors (:class:`~pill.errors.CheckpointError`): the fingerprints differ from ``expect``; the stage
+    was trained with other plug-in or encoder settings (:data:`~pill.runconfig.STAGE_KEYS`, each listed
+    old -> new); the file lacks a tensor its stage trains (each listed)."""
+    from .checkpoint import load_weights
+    from .runconfig import format_changes, stage_mismatches
+
+    path = Path(path)
+    tensors, meta = load_weights(path, expect)
+    stored = meta.get("config")
+    if not isinstance(stored, dict) and (path.parent / "config.yaml").is_file():
+        stored = load_config(path.parent / "config.yaml").to_dict()
+    if isinstance(stored, dict):
+        changed = stage_mismatches(stored, cfg.to_dict())
+        if changed:
+            raise CheckpointError(f"{path}: trained with other plug-in or encoder settings than {cfg.stage} "
+                                  f"uses: {format_changes(changed)} (the earlier stage's value first)")
+    stage = meta.get("stage") if meta.get("stage") in ("align", "finetune") else \
+        (stored or {}).get("stage", cfg.stage)
+    loaded = set(vlm.load_pill_state_dict(tensors))
+    vlm.set_stage(stage)
+    expected = vlm.pill_state_names()
+    missing = [n for n in expected if n not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} of the {len(expected)} tensors its {stage} stage trains "
+                              f"are missing: {_listed(missing)}")
+    return meta
+
+
+def check_run_config(run_dir: str | Path, cfg: TrainConfig) -> None:
+    """``run_dir/config.yaml`` (read as ``cfg``) must be the config its ``pill.safetensors`` was trained
+    with (stored in its metadata), up to the keys a resumed run may change
+    (:data:`~pill.runconfig.RESUME_SAFE_KEYS`); a damaged or edited file is a CheckpointError that
+    lists the keys that differ."""
+    from .checkpoint import WEIGHTS, read_metadata
+    from .runconfig import config_changes, format_changes
+
+    stored = read_metadata(Path(run_dir) / WEIGHTS).get("config")
+    if not isinstance(stored, dict):
+        return  # written without its config (by a script): nothing to compare with
+    changed, _ = config_changes(stored, cfg.to_dict())
+    if changed:
+        raise CheckpointError(f"{Path(run_dir) / 'config.yaml'}: differs from the config {WEIGHTS} was trained with: "
+                              f"{format_changes(changed)} (trained value first)")
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", dtype: Optional["torch.dtype"] = None):
     """Rebuild the model of a finished training run and load its trained plug-ins.
 
     ``run_dir``: a run folder, or a Hub model repository id (``user/name``, see :func:`resolve_run`)
     that ``pill push`` uploaded. Reads ``config.yaml`` (models, plug-in config) and
     ``pill.safetensors``; the checkpoint's fingerprints must match the base LLM and encoders loaded
-    now. When the run started from an earlier stage (``init_from``), tensors that this stage did not
-    train come from there. Sets ``vlm.run_info`` = {run_dir, stages, llm, vpg} and
-    ``vlm.system_prompt`` (the run's ``data.system_prompt``).
+    now, and it must hold every tensor its stage trains (:func:`load_stage`). When the run started
+    from an earlier stage (``init_from``), tensors that this stage did not train come from there.
+    Sets ``vlm.run_info`` = {run_dir, stages, llm, vpg} and ``vlm.system_prompt`` (the run's
+    ``data.system_prompt``).
     """
-    from .checkpoint import WEIGHTS, load_weights
+    from .checkpoint import WEIGHTS
 
     run_dir = resolve_run(run_dir)
     chain = run_chain(run_dir)
     cfg = load_config(run_dir / "config.yaml")
+    check_run_config(run_dir, cfg)
     if dtype is not None:
         cfg.model.dtype = str(dtype).replace("torch.", "")
     vlm = build_vlm(cfg, device=device)
     expect = fingerprints(vlm)
     stages = []
     for d in chain:  # earliest stage first; later stages overwrite what they trained
-        tensors, meta = load_weights(d / WEIGHTS, expect)
-        vlm.load_pill_state_dict(tensors)
+        meta = load_stage(vlm, d / WEIGHTS, cfg, expect)
         stages += meta.get("stages") or [meta.get("stage", "?")]  # an exported run merges its stages
     vlm.set_stage(cfg.stage)
     vlm.eval()
@@ -174,5 +229,6 @@ def load_model(run: Optional[str] = None, device: str = "cpu", *, quiet: bool = 
     return PillVLM.from_pretrained(device=device).eval()
 
 
-__all__ = ["build_vlm", "load_dataset_samples", "load_run", "resolve_run", "load_model", "run_chain", "fingerprints",
+__all__ = ["build_vlm", "load_dataset_samples", "load_run", "load_stage", "resolve_run", "load_model", "run_chain",
+           "fingerprints",
            "load_encoder_from_config", "UNTRAINED_NOTE"]

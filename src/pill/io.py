@@ -7,12 +7,27 @@ from pathlib import Path
 from typing import Union
 
 
+def fsync_dir(folder: Union[str, os.PathLike]) -> None:
+    """Make a rename inside ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not fsync folders; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Union[str, os.PathLike], data: Union[str, bytes], encoding: str = "utf-8") -> Path:
     """Write ``data`` (text or bytes) to ``path`` atomically; returns the path.
 
     The data goes to a temporary file in the same folder, is flushed and fsynced, and
-    then replaces ``path`` with :func:`os.replace`: an interrupted write leaves the old
-    file (or none), never a truncated one. The folder must exist.
+    then replaces ``path`` with :func:`os.replace` (the folder is fsynced too): an interrupted
+    write or a full disk leaves the old file (or none), never a truncated one, and no
+    temporary file. The folder must exist.
     """
     path = Path(path)
     payload = data.encode(encoding) if isinstance(data, str) else bytes(data)
@@ -28,7 +43,8 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[str, bytes], encodin
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
 
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "fsync_dir"]

@@ -45,6 +45,25 @@ def _embedded_cache() -> Path:
     return cache_dir() / "models" / EMBEDDED_LLM
 
 
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``org/name``; anything with more parts, or starting like a path, is a folder."""
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name or os.path.isabs(name)
+
+
+def _from_folder_or_hub(loader, name: str, what: str, **kwargs):
+    """``loader(name)`` for a local folder or a hub id, with one clear PillError when it fails."""
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise PillError(f"{name}: no such {what} folder (and not the embedded default {EMBEDDED_LLM})")
+    try:
+        return loader(str(Path(name).expanduser()) if _looks_like_path(name) else name, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        reason = " ".join(str(e).split())[:300]
+        if Path(name).expanduser().is_dir():
+            raise PillError(f"{name}: a folder, but not a loadable Hugging Face {what} ({reason})") from None
+        raise PillError(f"{name!r} is neither the embedded default {what} ({EMBEDDED_LLM}), a local folder, nor a "
+                        f"hub id that could be loaded ({reason})") from None
+
+
 def load_tokenizer(name: str = EMBEDDED_LLM):
     """Tokenizer of ``name``: the embedded default, a local folder or a hub id."""
     from transformers import AutoTokenizer
@@ -57,7 +76,7 @@ def load_tokenizer(name: str = EMBEDDED_LLM):
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _atomic_save(tok, cached, marker="tokenizer_config.json")
         return tok
-    return AutoTokenizer.from_pretrained(name)
+    return _from_folder_or_hub(AutoTokenizer.from_pretrained, name, "tokenizer")
 
 
 def _atomic_save(obj, target: Path, marker: str) -> None:
@@ -94,10 +113,10 @@ def load_llm(name: str = EMBEDDED_LLM, dtype: torch.dtype = torch.float32, devic
                 model.hf_quantizer = None
             _atomic_save(model, cached, marker="config.json")
             load_tokenizer(EMBEDDED_LLM)  # cache the tokenizer alongside
-        source = str(cached)
+        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype, attn_implementation="sdpa")
     else:
-        source = name
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        model = _from_folder_or_hub(AutoModelForCausalLM.from_pretrained, name, "LLM", dtype=dtype,
+                                    attn_implementation="sdpa")
     return model.to(device).eval()
 
 

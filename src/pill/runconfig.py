@@ -99,6 +99,8 @@ class DataConfig:
             raise ConfigError("root: required for format scienceqa")
         if self.format == "llava" and not self.json:
             raise ConfigError("json: required for format llava")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: must be >= 1, got {self.limit}")
         if self.mix_limit is not None and self.mix_limit < 1:
             raise ConfigError(f"mix_limit: must be >= 1, got {self.mix_limit}")
         if not 0.0 <= self.wrong_answer_p <= 1.0:
@@ -112,6 +114,9 @@ class DataConfig:
                 parse_format(self.prompt_format)
             except Exception as e:
                 raise ConfigError(f"prompt_format: {e}") from None
+
+
+MAX_LR = 1.0
 
 
 @dataclass
@@ -135,18 +140,32 @@ class OptimConfig:
     projector_lr_scale: float = 1.0
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if self.gate_lr_scale <= 0 or self.projector_lr_scale <= 0:
-            raise ConfigError("gate_lr_scale and projector_lr_scale: must be > 0")
+        # Adam moves every weight by about lr per step: above 1 a single step outweighs the weights
+        # themselves, and a huge lr (1e30) overflows them to inf/NaN.
+        if not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"lr: must be in (0, {MAX_LR}], got {self.lr}")
+        for name in ("gate_lr_scale", "projector_lr_scale"):
+            scale = getattr(self, name)
+            if scale <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {scale}")
+            if self.lr * scale > MAX_LR:
+                raise ConfigError(f"{name}: lr x {name} = {self.lr * scale:g} must be <= {MAX_LR}")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ConfigError("batch_size and micro_batch_size: must be >= 1")
         if self.epochs < 1:
             raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps: must be >= 1 (or null: the epochs decide), got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas: must be two numbers, got {self.betas}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas: must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(f"grad_clip: must be >= 0 (0 or null: no clipping), got {self.grad_clip}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
 
 
 # The experiment trackers of Hugging Face accelerate (accelerate.utils.LoggerType), by config name.
@@ -186,6 +205,8 @@ class RunConfig:
         if self.tensorboard and "tensorboard" not in self.report_to:
             self.report_to.append("tensorboard")
         self.report_to = list(dict.fromkeys(self.report_to))
+        if not 0 <= self.seed < 2**32:  # numpy's seed range
+            raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass
@@ -206,6 +227,83 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> "TrainConfig":
         return from_dict(cls, data, where)
+
+
+# -- what a resumed run may change -------------------------------------------------------------
+# ``--resume`` continues a run with the config given now. These keys steer the engine (how long,
+# how often to save and log, how memory is spent) and may change mid-run; the change is logged.
+# Every other key (the models, the plug-ins, the data, the learning rate and its schedule shape,
+# the batch, the seed, the precision, init_from, stage) shapes what is learnt: changing one is an
+# error that lists each changed key, old -> new.
+RESUME_SAFE_KEYS: dict[str, str] = {
+    "optim.max_steps": "the run's length (the cosine schedule is laid out for the new total)",
+    "optim.epochs": "the run's length (the cosine schedule is laid out for the new total)",
+    "optim.micro_batch_size": "how a global batch is split into forward passes (the same gradient)",
+    "train.save_every": "how often checkpoints are written",
+    "train.keep_last": "how many checkpoints are kept",
+    "train.log_every": "how often metrics are logged",
+    "train.tensorboard": "logging",
+    "train.feature_cache": "whether encoder features are cached (the same features)",
+    "train.cache_dir": "where encoder features are cached",
+    "train.output_dir": "the run directory",
+    "train.gradient_checkpointing": "memory: recompute layers in the backward pass",
+    "train.recompute_plugins": "memory: recompute the plug-ins in the backward pass",
+}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+UNSET = "(unset)"
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[tuple[str, object, object]], list[tuple[str, object, object]]]:
+    """Compare two plain-data configs (:meth:`TrainConfig.to_dict`) key by key; returns
+    ``(breaking, safe)`` lists of ``(dotted key, old value, new value)``, safe ones being those of
+    :data:`RESUME_SAFE_KEYS`. Fields that ``old`` predates count with their defaults; when ``old``
+    does not load as a config of this version, only the keys both have are compared."""
+    a, b = _flatten(old), _flatten(new)
+    try:
+        a = _flatten(TrainConfig.from_dict(old).to_dict())
+        keys = set(a) | set(b)
+    except ConfigError:
+        keys = set(a) & set(b)
+    breaking, safe = [], []
+    for key in sorted(keys):
+        va, vb = a.get(key, UNSET), b.get(key, UNSET)
+        if va != vb:
+            (safe if key in RESUME_SAFE_KEYS else breaking).append((key, va, vb))
+    return breaking, safe
+
+
+# A stage starts from the tensors of its ``init_from`` run: these keys shape those tensors or what
+# they mean, and must be the same in both stages (the base models are checked by fingerprint).
+STAGE_KEYS = ("model.vpg", "model.vpg_layer", "model.feature_norm", "pill.adapter", "pill.r", "pill.activation",
+              "pill.attn_adapter", "pill.momae", "pill.num_modalities", "pill.mag", "pill.gate", "pill.layers")
+_STAGE_ENCODER_FIELDS = ("name", "layer", "feature_norm")
+
+
+def stage_mismatches(earlier: dict, later: dict) -> list[tuple[str, object, object]]:
+    """``(key, earlier value, later value)`` for each :data:`STAGE_KEYS` key (and each encoder's
+    ``name``, ``layer``, ``feature_norm``) on which a stage and its ``init_from`` run differ."""
+    breaking, safe = config_changes(earlier, later)
+    return [(k, a, b) for k, a, b in breaking + safe
+            if k in STAGE_KEYS or (k.startswith("model.encoders.") and k.rsplit(".", 1)[1] in _STAGE_ENCODER_FIELDS)]
+
+
+def format_changes(changes: list[tuple[str, object, object]]) -> str:
+    """``key old -> new; ...`` for messages."""
+    def show(v):
+        return v if v is UNSET else repr(v)
+
+    return "; ".join(f"{k} {show(old)} -> {show(new)}" for k, old, new in changes)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -236,9 +334,11 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Trai
     are resolved against the config file's folder when they exist there."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start})") from None
     try:
         data = load_yaml(text) or {}
     except yaml.YAMLError as e:
@@ -253,7 +353,10 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Trai
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` as YAML, atomically (:func:`pill.io.write_atomic`)."""
+    from .io import write_atomic
+
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_needs(path: str | Path) -> Optional[str]:

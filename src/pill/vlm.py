@@ -215,6 +215,11 @@ class PillVLM(nn.Module):
         """Fitted, not trained, state (names contain ``pill_``: the feature statistics)."""
         return {n: b for n, b in self.named_buffers() if PREFIX in n}
 
+    def pill_state_names(self, trainable_only: bool = True) -> list[str]:
+        """The names :meth:`pill_state_dict` returns, in its order, without copying tensors."""
+        names = [n for n, p in self.named_parameters() if PREFIX in n and (p.requires_grad or not trainable_only)]
+        return names + list(self._pill_buffers())
+
     def pill_state_dict(self, trainable_only: bool = True) -> dict[str, torch.Tensor]:
         """Plug-in and projector tensors (names contain ``pill_``); only the trainable ones by default.
         ``pill_`` buffers (the feature statistics of ``pill_feature_norm``) are always included."""

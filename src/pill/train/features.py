@@ -2,26 +2,29 @@
 
 Entries are keyed by the SHA-256 of the image's encoded bytes and stored in safetensors
 shards under a folder named by the VPG's fingerprint, so a changed image file or a
-different VPG never hits a stale entry. Writes are atomic (temporary file, then rename), and
+different VPG never hits a stale entry. Writes are atomic (:func:`pill.io.write_atomic`), and
 runs sharing a cache merge their index entries under a file lock instead of overwriting each
-other's.
+other's. A damaged index or shard costs a recomputation: :meth:`FeatureCache.build` checks the
+shards of the entries it is asked for, warns, and computes the unreadable ones again.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from ..checkpoint import DIGEST, tensors_digest
 from ..data.images import load_image
+from ..errors import DataError
+from ..io import write_atomic
 
 ImageRef = Union[str, bytes]
 INDEX = "index.json"
@@ -46,15 +49,22 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, str] = self._read_index()
         self._handles: dict[str, object] = {}
+        self.bad: dict[str, str] = {}  # inputs that could not be read (build with skip_bad)
 
     def _read_index(self) -> dict[str, str]:
         path = self.dir / INDEX
         if not path.is_file():
             return {}
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return {}  # a damaged index only costs a recomputation
+            index = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
+                raise ValueError("not a mapping of keys to shard names")
+            return index
+        except (ValueError, UnicodeDecodeError) as e:  # a damaged index only costs a recomputation
+            if not getattr(self, "_warned_index", False):
+                _warn(f"feature cache index {path} is unreadable ({e}); its entries are computed again")
+                self._warned_index = True
+            return {}
 
     @contextlib.contextmanager
     def _locked(self):
@@ -74,10 +84,38 @@ class FeatureCache:
         """Merge this cache's entries into the index on disk (another run may have added its own)."""
         with self._locked():
             self.refresh()
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".index.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._index, f)
-            os.replace(tmp, self.dir / INDEX)
+            write_atomic(self.dir / INDEX, json.dumps(self._index))
+
+    def _forget_shard(self, shard: str, reason: str) -> None:
+        """Drop an unreadable shard and every index entry that points at it (they are computed again)."""
+        with self._locked():
+            self.refresh()
+            n = sum(v == shard for v in self._index.values())
+            self._index = {k: v for k, v in self._index.items() if v != shard}
+            write_atomic(self.dir / INDEX, json.dumps(self._index))
+            (self.dir / shard).unlink(missing_ok=True)
+        self._handles.pop(shard, None)
+        _warn(f"feature cache shard {self.dir / shard} is unreadable ({reason}); its {n} entries are computed again")
+
+    def _check_shards(self, keys: Iterable[str]) -> None:
+        """Open the shard of every cached entry among ``keys`` and check its SHA-256; forget the shards
+        that cannot be read, do not match it, or lack one of their entries."""
+        by_shard: dict[str, list[str]] = {}
+        for k in keys:
+            if k in self._index:
+                by_shard.setdefault(self._index[k], []).append(k)
+        for shard, ks in by_shard.items():
+            try:
+                with safe_open(str(self.dir / shard), framework="pt") as f:
+                    have = set(f.keys())
+                    digest = (f.metadata() or {}).get(DIGEST)
+                    if digest is not None and tensors_digest({k: f.get_tensor(k) for k in have}) != digest:
+                        raise ValueError("its features differ from the SHA-256 recorded when it was written")
+                lost = [k for k in ks if k not in have]
+                if lost:
+                    raise ValueError(f"{len(lost)} of its entries are not in it")
+            except Exception as e:  # missing, truncated, not safetensors
+                self._forget_shard(shard, f"{type(e).__name__}: {e}")
 
     def refresh(self) -> None:
         """Pick up entries another run has written since this cache was opened."""
@@ -94,11 +132,16 @@ class FeatureCache:
 
     @torch.no_grad()
     def build(self, images: dict[str, ImageRef], batch_size: int = 32, shard_size: int = 1024,
-              progress: bool = True, device: Optional[torch.device] = None) -> int:
-        """Compute features for the images (key -> path or bytes) not yet cached. Returns how many."""
+              progress: bool = True, device: Optional[torch.device] = None, skip_bad: bool = False) -> int:
+        """Compute features for the images (key -> path or bytes) not yet cached. Returns how many.
+
+        Cached entries whose shard cannot be read are computed again (with a warning). An input that
+        cannot be read is a DataError, or with ``skip_bad`` is left out and recorded in
+        ``self.bad`` (key -> message)."""
         if self.missing(images):
             self.refresh()  # another run may have computed them meanwhile
-        todo = self.missing(images)
+        self._check_shards(images)
+        todo = [k for k in self.missing(images) if k not in self.bad]
         if not todo:
             return 0
         device = device or next(self.vpg.parameters()).device
@@ -107,21 +150,30 @@ class FeatureCache:
             chunk = todo[start:start + shard_size]
             tensors: dict[str, torch.Tensor] = {}
             for b in range(0, len(chunk), batch_size):
-                keys = chunk[b:b + batch_size]
-                pix = self.vpg.preprocess([self.load(images[k]) for k in keys]).to(device)
-                feats = self.vpg(pix).float().cpu()  # (n, K, d)
-                for k, f in zip(keys, feats):
-                    tensors[k] = f.contiguous()
-                bar.update(len(keys))
-            name = f"shard-{hashlib.sha256(''.join(chunk).encode()).hexdigest()[:12]}.safetensors"
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".shard.", suffix=".tmp")
-            os.close(fd)
-            save_file(tensors, tmp)
-            os.replace(tmp, self.dir / name)
-            self._index.update({k: name for k in chunk})
+                keys, decoded = [], []
+                for k in chunk[b:b + batch_size]:
+                    try:
+                        decoded.append(self.load(images[k]))
+                        keys.append(k)
+                    except DataError as e:
+                        if not skip_bad:
+                            raise
+                        self.bad[k] = str(e)
+                if keys:
+                    pix = self.vpg.preprocess(decoded).to(device)
+                    feats = self.vpg(pix).float().cpu()  # (n, K, d)
+                    for k, f in zip(keys, feats):
+                        tensors[k] = f.contiguous()
+                bar.update(len(chunk[b:b + batch_size]))
+            if not tensors:
+                continue
+            name = f"shard-{hashlib.sha256(''.join(tensors).encode()).hexdigest()[:12]}.safetensors"
+            write_atomic(self.dir / name, safetensors_bytes(tensors, metadata={DIGEST: tensors_digest(tensors)}))
+            self._handles.pop(name, None)
+            self._index.update({k: name for k in tensors})
             self._write_index()
         bar.close()
-        return len(todo)
+        return len(todo) - sum(k in self.bad for k in todo)
 
     def get(self, keys: Sequence[str]) -> torch.Tensor:
         """Stacked features (N, K, d) for ``keys`` (all must be cached)."""
@@ -133,8 +185,19 @@ class FeatureCache:
                 shard = self._index.get(k)
             if shard is None:
                 raise KeyError(f"image {k[:12]}… has no cached features; run `pill features` or enable the cache")
-            h = self._handles.get(shard)
-            if h is None:
-                h = self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
-            out.append(h.get_tensor(k))
+            try:
+                h = self._handles.get(shard)
+                if h is None:
+                    h = self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
+                t = h.get_tensor(k)
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError("they hold NaN or infinite values")
+                out.append(t)
+            except Exception as e:
+                raise DataError(f"feature cache shard {self.dir / shard}: cannot read the features of {k[:12]}… "
+                                f"({type(e).__name__}: {e}); delete the shard to compute them again") from None
         return torch.stack(out)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +22,19 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import CheckpointError, PillError
+from ..errors import CheckpointError, ConfigError, PillError
+from ..io import write_atomic
 from ..plug import parameter_groups
 from ..precision import Precision, resolve_precision
-from ..build import build_vlm, fingerprints as model_fingerprints, load_dataset_samples
+from ..build import build_vlm, fingerprints as model_fingerprints, load_dataset_samples, load_stage, run_chain
 from ..data import content_key, image_key
 from ..data.collate import batch_refs
 from ..processor import IGNORE_INDEX
-from ..checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, load_weights, rng_state,
-                         save_resume_state, save_weights, set_rng_state)
+from ..checkpoint import (WEIGHTS, list_checkpoints, load_resume_state, read_metadata, remove_stale_temporaries,
+                         rng_state, save_resume_state, save_weights, set_rng_state)
 from ..hub import write_model_card
-from ..io import write_atomic
-from ..runconfig import TrainConfig, check_inputs, save_config
+from ..runconfig import (RESUME_SAFE_KEYS, TrainConfig, check_inputs, config_changes, format_changes, save_config,
+                         stage_mismatches)
 from . import tracking
 
 
@@ -102,27 +104,30 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
         vlm = build_vlm(cfg, device=str(accelerator.device))
     fingerprints = model_fingerprints(vlm)
     if cfg.init_from:
-        src = Path(cfg.init_from) / WEIGHTS
-        if not src.is_file():
-            raise CheckpointError(f"init_from: {src} not found (is {cfg.init_from} a finished pill run?)")
-        tensors, _ = load_weights(src, fingerprints)
-        vlm.load_pill_state_dict(tensors)
+        check_init_from(cfg, run_dir)
+        load_stage(vlm, Path(cfg.init_from) / WEIGHTS, cfg, fingerprints)
     vlm.set_stage(cfg.stage)
     if cfg.train.gradient_checkpointing:
         vlm.enable_gradient_checkpointing()
     else:
         vlm.enable_plugin_recompute(cfg.train.recompute_plugins)
 
-    samples = load_dataset_samples(cfg, progress=progress and accelerator.is_main_process)
+    main = accelerator.is_main_process
+    samples = load_dataset_samples(cfg, progress=progress and main)
+    features, feature_keys = {}, {}
+    if cfg.train.feature_cache:
+        features, feature_keys = prepare_features(cfg, vlm, samples, accelerator, progress)
+    if cfg.data.skip_bad:
+        samples = drop_unreadable_inputs(samples, vlm, features, feature_keys, report=progress and main)
     dataset = PillDataset(samples, vlm.processor, cfg.data.max_length, on_overflow=cfg.data.too_long,
                           skip_bad=cfg.data.skip_bad, wrong_answer_p=cfg.data.wrong_answer_p,
-                          seed=cfg.train.seed, progress=progress and accelerator.is_main_process)
+                          seed=cfg.train.seed, progress=progress and main)
     if len(dataset) == 0:
         raise TrainingError(f"no training samples left in {cfg.data.root or cfg.data.json} (see the report above)")
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.optim.batch_size, seed=cfg.train.seed)
-    features, feature_keys = {}, {}
-    if cfg.train.feature_cache:
-        features, feature_keys = prepare_features(cfg, vlm, dataset.samples, accelerator, progress)
+    if features:  # the inputs of the samples kept, in their order (the feature statistics are fitted on these)
+        feature_keys = {name: {r: keys[r] for s in dataset.samples for r in map(image_key, s.inputs().get(name, []))}
+                        for name, keys in feature_keys.items()}
     for name in vlm.feature_norms_to_fit():
         fit_feature_norm(vlm, dataset.samples, features.get(name), feature_keys.get(name), modality=name,
                          progress=progress and accelerator.is_main_process)
@@ -146,6 +151,104 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     model, optimizer = accelerator.prepare(vlm, optimizer)
     return Setup(cfg, run_dir, accelerator, vlm, model, dataset, sampler, collator, optimizer, scheduler,
                  features, feature_keys, steps_per_epoch, total, fingerprints, precision)
+
+
+def check_init_from(cfg: TrainConfig, run_dir: str | Path) -> None:
+    """``init_from`` names a finished run other than ``run_dir`` whose own ``init_from`` chain ends
+    (:func:`pill.build.run_chain`); raises ConfigError / CheckpointError."""
+    src = Path(cfg.init_from)
+    if src.resolve() == Path(run_dir).resolve():
+        raise ConfigError(f"init_from: {src} is this run's own directory; name the finished run of the stage before")
+    if not (src / WEIGHTS).is_file():
+        raise CheckpointError(f"init_from: {src / WEIGHTS} not found (is {src} a finished pill run?)")
+    run_chain(src)
+    stored = read_metadata(src / WEIGHTS).get("config")
+    changed = stage_mismatches(stored, cfg.to_dict()) if isinstance(stored, dict) else []
+    if changed:
+        raise CheckpointError(f"init_from: {src / WEIGHTS} was trained with other plug-in or encoder settings "
+                              f"than this stage: {format_changes(changed)} (the earlier stage's value first)")
+
+
+def _stored_config(run_dir: Path) -> Optional[tuple[Path, dict]]:
+    """(file, config) the newest trained tensors of ``run_dir`` were written with: those of its last
+    checkpoint, else of its ``pill.safetensors``; None when it has neither."""
+    ckpts = list_checkpoints(run_dir)
+    src = ckpts[-1] / WEIGHTS if ckpts else run_dir / WEIGHTS
+    if not src.is_file():
+        if ckpts:
+            raise CheckpointError(f"{src}: missing, so {ckpts[-1].name} cannot be resumed (delete the folder to "
+                                  "resume from the checkpoint before it)")
+        return None
+    stored = read_metadata(src).get("config")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{src}: holds no training config to check the resumed run against")
+    return src, stored
+
+
+def check_resume(cfg: TrainConfig, run_dir: str | Path) -> list[str]:
+    """Compare ``cfg`` with the config the run's newest tensors were trained with. A change that
+    breaks the run (any key outside :data:`pill.runconfig.RESUME_SAFE_KEYS`) is a TrainingError
+    listing each changed key, old -> new; returns one line per allowed change, to log."""
+    run_dir = Path(run_dir)
+    found = _stored_config(run_dir)
+    if found is None:
+        return []
+    src, stored = found
+    breaking, safe = config_changes(stored, cfg.to_dict())
+    if breaking:
+        raise TrainingError(f"{run_dir}: --resume with a config that changes the run it continues: "
+                            f"{format_changes(breaking)} (stored in {src}); restore these values, or train "
+                            "into a new --output")
+    return [f"resume: {k} {old!r} -> {new!r} ({RESUME_SAFE_KEYS[k]})" for k, old, new in safe]
+
+
+def _check_max_steps(max_steps) -> None:
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"max_steps: must be a whole number >= 1, got {max_steps!r}")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step``: a resumed run logs the steps after it
+    again. Unreadable lines (a write cut short) are dropped with a note."""
+    if not path.is_file():
+        return
+    kept, dropped, unreadable = [], 0, 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and isinstance(rec.get("step"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            unreadable += 1
+        elif rec["step"] <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if unreadable:
+        print(f"warning: {path}: dropped {unreadable} unreadable lines", file=sys.stderr)
+    if dropped or unreadable:
+        write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _last_good(run_dir: Path) -> str:
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return "No checkpoint was saved before it"
+    return f"The last good checkpoint is kept: {ckpts[-1]} (continue from it with --resume)"
+
+
+def _check_finite_weights(s: "Setup", step: int) -> None:
+    """Stop when an optimizer step has left NaN or infinite values in a trained tensor: they are never saved."""
+    params = [(n, p) for n, p in s.vlm.named_parameters() if p.requires_grad]
+    if bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return
+    bad = [n for n, p in params if not bool(torch.isfinite(p).all())]
+    raise TrainingError(f"step {step}: the optimizer step left NaN or infinite values in {len(bad)} trained tensors "
+                        f"(e.g. {', '.join(bad[:3])}); stopping without saving them. {_last_good(s.run_dir)} "
+                        "(lower optim.lr or check the data)")
 
 
 def _cosine(optimizer, warmup: int, total: int, min_ratio: float):
@@ -173,7 +276,7 @@ def prepare_features(cfg: TrainConfig, vlm, samples, accelerator=None, progress:
     for name, enc in vlm.encoders.items():
         cache = FeatureCache(cfg.train.cache_dir, enc, load=vlm.modalities[name].load)
         if main:
-            cache.build({k: ref for k, ref in refs[name].values()}, progress=progress)
+            cache.build({k: ref for k, ref in refs[name].values()}, progress=progress, skip_bad=cfg.data.skip_bad)
         caches[name] = cache
     if accelerator is not None:
         accelerator.wait_for_everyone()
@@ -181,6 +284,49 @@ def prepare_features(cfg: TrainConfig, vlm, samples, accelerator=None, progress:
             caches = {name: FeatureCache(cfg.train.cache_dir, enc, load=vlm.modalities[name].load)
                       for name, enc in vlm.encoders.items()}
     return caches, {name: {ref: k for ref, (k, _) in r.items()} for name, r in refs.items()}
+
+
+def drop_unreadable_inputs(samples, vlm, features=None, feature_keys=None, *, report: bool = True):
+    """The samples whose every input can be read (``data.skip_bad``); the others are counted and
+    reported (reason ``bad_image`` / ``bad_input``). With feature caches, an input is unreadable when
+    building its cache left it out; without, each distinct input is decoded once here."""
+    from ..data import LoadReport, SampleList
+
+    bad: dict[str, str] = {}  # input ref -> message
+    for name in vlm.encoders:
+        m = vlm.modalities[name]
+        if features:
+            cache = features[name]
+            cache.refresh()
+            for ref, key in feature_keys[name].items():
+                if key not in cache:
+                    bad[ref] = cache.bad.get(key, f"{ref}: cannot read this {m.label}")
+        else:
+            seen = set()
+            for s in samples:
+                for x in s.inputs().get(name, []):
+                    ref = image_key(x)
+                    if ref in seen:
+                        continue
+                    seen.add(ref)
+                    try:
+                        m.load(x)
+                    except PillError as e:
+                        bad[ref] = str(e)
+    rep = LoadReport(source=f"{getattr(getattr(samples, 'report', None), 'source', 'samples')} (inputs decoded)")
+    kept = SampleList(report=getattr(samples, "report", None))
+    for s in samples:
+        rep.total += 1
+        broken = [(name, image_key(x)) for name, xs in s.inputs().items() for x in xs if image_key(x) in bad]
+        if broken:
+            name, ref = broken[0]
+            rep.skip("bad_image" if name == "image" else "bad_input", f"sample {s.id}: {bad[ref]}")
+            continue
+        kept.append(s)
+    rep.kept = len(kept)
+    if report:
+        rep.print_if_skipped()
+    return kept
 
 
 FEATURE_NORM_IMAGES = 1000
@@ -237,25 +383,41 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
     cfg, acc, run_dir = s.cfg, s.accelerator, s.run_dir
     W, rank = acc.num_processes, acc.process_index
     main = acc.is_main_process
+    _check_max_steps(max_steps)
+    notes = check_resume(cfg, run_dir) if resume else []  # before config.yaml is rewritten
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            print(f"removed {len(stale)} temporary files of an interrupted save: {', '.join(p.name for p in stale)}")
+        for line in notes:
+            print(line)
         save_config(cfg, run_dir / "config.yaml")
     step, last_loss = 0, float("nan")
     if resume:
         ckpts = list_checkpoints(run_dir)
         if ckpts:
-            tensors, state = load_resume_state(ckpts[-1])
+            tensors, state = load_resume_state(ckpts[-1], s.fingerprints)
             s.vlm.load_pill_state_dict(tensors)
-            s.optimizer.load_state_dict(state["optimizer"])
-            s.scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+            try:
+                s.optimizer.load_state_dict(state["optimizer"])
+                s.scheduler.load_state_dict(state["scheduler"])
+                set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{ckpts[-1]}: the resume state does not fit this run "
+                                      f"({type(e).__name__}: {e})") from None
             step = state["step"]
             if main:
                 print(f"resuming from {ckpts[-1]} (step {step})")
         elif main:
             print(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from the beginning")
     total = min(s.total_steps, max_steps) if max_steps else s.total_steps
+    if step > total:
+        raise TrainingError(f"{run_dir}: the last checkpoint is at step {step}, past the {total} steps asked for "
+                            "(optim.max_steps, optim.epochs or --max-steps)")
     metrics_path = run_dir / "metrics.jsonl"
+    if main:
+        _truncate_metrics(metrics_path, step)
     if cfg.train.report_to:
         acc.init_trackers(tracking.PROJECT, config=tracking.hyperparameters(cfg),
                           init_kwargs=tracking.init_kwargs(cfg, run_dir))
@@ -276,8 +438,8 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
         global_batch = batches[pos]
         loss_sum, n_tok, seq_tok = _train_step(s, global_batch, W, rank)
         if not math.isfinite(loss_sum):
-            raise TrainingError(f"step {step + 1}: loss is {loss_sum}; stopping. The last good checkpoint is "
-                                f"kept in {run_dir}/checkpoints (lower optim.lr or check the data)")
+            raise TrainingError(f"step {step + 1}: loss is {loss_sum}; stopping. {_last_good(run_dir)} "
+                                "(lower optim.lr or check the data)")
         # the norm before clipping (no grad_clip: an infinite bound, which leaves the gradients as they are)
         grad_norm = float(acc.clip_grad_norm_([p for p in s.vlm.parameters() if p.requires_grad],
                                               cfg.optim.grad_clip or math.inf))
@@ -285,6 +447,7 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         step += 1
+        _check_finite_weights(s, step)
         last_loss = loss_sum / max(n_tok, 1)
         tokens_seen += seq_tok
         lr = s.scheduler.get_last_lr()[0]
@@ -307,7 +470,10 @@ def fit(s: Setup, *, resume: bool = False, max_steps: Optional[int] = None, prog
     bar.close()
     acc.wait_for_everyone()
     if main:
-        save_weights(run_dir / WEIGHTS, s.vlm.pill_state_dict(), {**meta, "step": step})
+        try:
+            save_weights(run_dir / WEIGHTS, s.vlm.pill_state_dict(), {**meta, "step": step})
+        except CheckpointError as e:
+            raise TrainingError(f"step {step}: {e}. {_last_good(run_dir)}") from None
         gates = _measure_gates(s)
         if gates["layers"]:
             write_atomic(run_dir / "gates.json", json.dumps(gates))
@@ -399,6 +565,7 @@ def train(cfg: TrainConfig, output_dir: str | Path | None = None, *, resume: boo
           max_steps: Optional[int] = None, vlm=None, progress: bool = True) -> dict:
     """Set up and run one stage; returns a summary with the run directory."""
     run_dir = Path(output_dir or cfg.train.output_dir or "runs/pill")
+    _check_max_steps(max_steps)
     if not resume and (run_dir / WEIGHTS).is_file():
         raise TrainingError(f"{run_dir} already holds a finished run; choose another --output or pass --resume")
     if not resume and list_checkpoints(run_dir):
@@ -406,5 +573,9 @@ def train(cfg: TrainConfig, output_dir: str | Path | None = None, *, resume: boo
                             "or choose another --output")
     check_inputs(cfg)  # before any model is loaded
     tracking.check_trackers(cfg)
+    if resume:
+        check_resume(cfg, run_dir)
+    if cfg.init_from:
+        check_init_from(cfg, run_dir)
     s = setup(cfg, run_dir, vlm=vlm, progress=progress)
     return fit(s, resume=resume, max_steps=max_steps, progress=progress)
