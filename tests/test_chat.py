@@ -122,3 +122,27 @@ def test_chat_cli_without_run_uses_the_embedded_model_and_says_it_is_untrained(i
     captured = capsys.readouterr()
     assert UNTRAINED_NOTE in captured.err and "learned nothing yet" in captured.err
     assert captured.out.endswith("\n") and captured.out.strip()
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(vlm, image_path, monkeypatch):
+    from pill.errors import PillError
+
+    monkeypatch.setattr(vlm.llm.config, "max_position_embeddings", 256)
+    seen, notices = [], []
+    real_generate = vlm.generate
+    monkeypatch.setattr(vlm, "generate", lambda **kw: seen.append(kw) or real_generate(**kw))
+    session = ChatSession(vlm, max_new_tokens=8)
+    assert session.context_length() == 256
+    session.ask("What is this?", [image_path])
+    words = " ".join(["word"] * 60)
+    for i in range(4):
+        session.messages += [{"role": "user", "content": f"{i}: {words}"}, {"role": "assistant", "content": words}]
+    session.ask("And now?", notice=notices.append)
+    prompt = seen[-1]["input_ids"].shape[1]
+    assert prompt + 8 <= 256
+    assert len(notices) == 1 and "256 tokens" in notices[0] and "oldest" in notices[0]
+    # the first exchange (and the image it brought) went first
+    assert session.images == [] and "pixel_values" not in seen[-1]
+    assert session.messages[-2]["content"] == "And now?"
+    with pytest.raises(PillError, match="context of 256 tokens"):
+        ChatSession(vlm, max_new_tokens=8).ask(" ".join(["word"] * 400))

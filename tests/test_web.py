@@ -550,3 +550,111 @@ def test_browser_upload_ask_error_then_ask_again(browser, tiny_server, tmp_path)
               if e["level"] == "SEVERE" and "status of 400" not in e["message"]]
     assert not errors, errors
     print(f"browser test: {time.perf_counter() - t0:.1f} s; screenshots in {artifacts_dir()}")
+
+
+# -- under load and hostile input ---------------------------------------------------------------
+def test_a_burst_of_connections_waits_in_the_listen_queue(fake_client):
+    server = make_server(DemoApp(FakeVLM(), FAKE_INFO, Limits()), "127.0.0.1", 0)
+    host, port = server.server_address[:2]
+    socks, serving = [], None
+    try:
+        # 20 clients arrive before the server accepts any: every connection must wait in the backlog
+        for _ in range(20):
+            s = socket.socket()
+            s.settimeout(0.5)  # a dropped SYN is retried after 1 s: a full backlog times out here
+            s.connect((host, port))
+            s.sendall(b"GET /api/info HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            socks.append(s)
+        serving = serve_in_thread(server)
+        for s in socks:
+            s.settimeout(30)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.0 200"), reply[:80]
+    finally:
+        for s in socks:
+            s.close()
+        if serving is not None:  # shutdown() waits for a serve_forever that has started
+            server.shutdown()
+        server.server_close()
+
+
+def test_uploads_are_decoded_only_within_the_queue(fake_client, monkeypatch):
+    import pill.data.images
+
+    gate, lock = threading.Event(), threading.Lock()
+    count = {"calls": 0, "active": 0, "max_active": 0}
+    real = pill.data.images.load_image
+
+    def slow_load(source, *args, **kwargs):
+        with lock:
+            count["calls"] += 1
+            count["active"] += 1
+            count["max_active"] = max(count["max_active"], count["active"])
+        try:
+            gate.wait(20)
+            return real(source, *args, **kwargs)
+        finally:
+            with lock:
+                count["active"] -= 1
+
+    monkeypatch.setattr(pill.data.images, "load_image", slow_load)
+    monkeypatch.setattr("pill.web.app.load_image", slow_load, raising=False)
+    client = fake_client(FakeVLM(), max_waiting=2)
+    data = png_bytes((64, 64))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(client.upload(data))) for _ in range(20)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: len(results) >= 17, timeout=20)  # all but the admitted three are refused at once
+    busy = [r for s, r in results if s == 503]
+    assert len(busy) == 17 and all("busy" in r["error"] for r in busy)
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert sorted(s for s, _ in results) == [200] * 3 + [503] * 17
+    assert count["calls"] == 3 and count["max_active"] == 1  # refused uploads were never decoded
+    assert client.upload(data)[0] == 200  # and the queue is free again
+
+
+def test_a_conversation_longer_than_the_context_is_cut_and_the_page_is_told(client, tiny_demo_vlm, monkeypatch):
+    monkeypatch.setattr(tiny_demo_vlm.llm.config, "max_position_embeddings", 256)
+    seen = []
+    real_generate = tiny_demo_vlm.generate
+    monkeypatch.setattr(tiny_demo_vlm, "generate", lambda **kw: seen.append(kw) or real_generate(**kw))
+    info = json.loads(client.request("GET", "/api/info")[2])
+    assert info["limits"]["context_tokens"] == 256
+    words = " ".join(["word"] * 150)
+    history = [{"role": r, "content": words} for r in ("user", "assistant") * 4]
+    status, events = client.chat("And now?", None, history, {"max_new_tokens": 8})
+    assert status == 200 and answer_of(events) is not None
+    notices = [d["message"] for e, d in events if e == "notice"]
+    assert len(notices) == 1 and "oldest" in notices[0] and "256 tokens" in notices[0]
+    assert seen[-1]["input_ids"].shape[1] + 8 <= 256
+    status, reply = client.chat(" ".join(["word"] * 390), None, settings={"max_new_tokens": 8})
+    assert status == 400 and "context of 256 tokens" in reply["error"]
+
+
+def test_deeply_nested_json_is_a_400(client):
+    body = b"[" * 100_000 + b"]" * 100_000
+    status, _, reply = client.request("POST", "/api/chat", body, {"Content-Type": "application/json"})
+    assert status == 400 and "nested" in json.loads(reply)["error"]
+    assert client.request("GET", "/api/info")[0] == 200
+
+
+def test_posts_from_a_foreign_origin_are_refused(client):
+    port = client.server.server_address[1]
+    body = json.dumps({"question": "hi", "settings": {"max_new_tokens": 2}}).encode()
+    headers = {"Content-Type": "application/json"}
+    for origin in ("http://evil.example", f"http://evil.example:{port}", "null", f"http://127.0.0.1:{port + 1}"):
+        status, _, reply = client.request("POST", "/api/chat", body, {**headers, "Origin": origin})
+        assert status == 403 and "Origin" in json.loads(reply)["error"], origin
+        status, _, reply = client.request("POST", "/api/image", png_bytes(), {"Content-Type": "image/png",
+                                                                             "Origin": origin})
+        assert status == 403, origin
+    for extra in ({}, {"Origin": f"http://127.0.0.1:{port}"}):
+        status, _, _ = client.request("POST", "/api/chat", body, {**headers, **extra})
+        assert status == 200, extra
+    # GET is not state-changing: a foreign Origin may read the page (the Host check still applies)
+    assert client.request("GET", "/api/info", headers={"Origin": "http://evil.example"})[0] == 200

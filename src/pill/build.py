@@ -68,13 +68,15 @@ def load_dataset_samples(cfg: TrainConfig, progress: bool = True):
         from .data.scienceqa import load_scienceqa
 
         samples = load_scienceqa(d.root, d.split, prompt_format=d.prompt_format, use_caption=d.use_caption,
-                                 skip_bad=d.skip_bad, limit=d.limit, progress=progress, system_prompt=d.system_prompt)
+                                 skip_bad=d.skip_bad, limit=d.limit, progress=progress, system_prompt=d.system_prompt,
+                                 allow_outside_root=d.allow_outside_root)
     else:
         samples = load_llava(d.json, d.image_folder or os.path.dirname(d.json), skip_bad=d.skip_bad, limit=d.limit,
-                             progress=progress, system_prompt=d.system_prompt)
+                             progress=progress, system_prompt=d.system_prompt, allow_outside_root=d.allow_outside_root)
     if d.mix_llava_json:
         extra = load_llava(d.mix_llava_json, d.mix_image_folder or os.path.dirname(d.mix_llava_json),
-                           skip_bad=d.skip_bad, limit=d.mix_limit, progress=progress, system_prompt=d.system_prompt)
+                           skip_bad=d.skip_bad, limit=d.mix_limit, progress=progress, system_prompt=d.system_prompt,
+                           allow_outside_root=d.allow_outside_root)
         samples.extend(extra)
     return samples
 

@@ -4,7 +4,8 @@
 model's chat template (:func:`pill.data.prompts.render_chat`, exactly as training renders it),
 puts one placeholder in front of the prompt for each input given with that turn that the prompt
 does not mention, feeds every input of the conversation, in order, to the model, and streams
-the answer::
+the answer. A conversation longer than the model's context loses its oldest exchanges (and the
+inputs they brought), with a notice; a question that alone does not fit is refused::
 
     from pill.build import load_run
     from pill.chat import ChatSession
@@ -17,6 +18,22 @@ from typing import Callable, Optional, Sequence
 
 from .errors import ConfigError, PillError
 from .modalities import modality
+
+# a tokenizer without a known limit reports this sentinel (transformers' VERY_LARGE_INTEGER)
+_UNKNOWN_LENGTH = 10**9
+
+
+class ContextError(PillError):
+    """The new question (with its inputs) does not fit into the model's context."""
+
+
+def context_length(vlm) -> Optional[int]:
+    """Tokens ``vlm`` reads at most: the smaller of the LLM's ``max_position_embeddings`` and the
+    tokenizer's ``model_max_length``, of those that are known (None: neither is)."""
+    known = [getattr(getattr(vlm, "llm", None) and vlm.llm.config, "max_position_embeddings", None),
+             getattr(getattr(vlm, "tokenizer", None), "model_max_length", None)]
+    known = [int(n) for n in known if isinstance(n, int) and 0 < n < _UNKNOWN_LENGTH]
+    return min(known) if known else None
 
 
 class ChatSession:
@@ -83,13 +100,20 @@ class ChatSession:
         m = modality(name)
         return [m.load(x) if isinstance(x, (str, bytes, bytearray, os.PathLike)) else x for x in items]
 
+    def context_length(self) -> Optional[int]:
+        """Tokens the model reads at most (:func:`context_length`)."""
+        return context_length(self.vlm)
+
     def ask(self, prompt: str, images: Sequence = (), stream: Optional[Callable[[str], None]] = None,
-            inputs: Optional[dict[str, Sequence]] = None) -> str:
+            inputs: Optional[dict[str, Sequence]] = None, notice: Optional[Callable[[str], None]] = None) -> str:
         """Answer ``prompt`` about ``images`` (paths, bytes or PIL images) and ``inputs`` (other
         modalities by name) given the history.
 
         ``stream(piece)`` receives the answer text as it is produced; the pieces join to the
-        returned string. The turn is added to the history.
+        returned string. The turn is added to the history. When the conversation and the answer
+        (``max_new_tokens``) would not fit into :meth:`context_length`, the oldest exchanges and
+        their inputs are left out and ``notice(message)`` says so; a question that does not fit
+        alone raises :class:`ContextError`.
         """
         given = {**({k: list(v) for k, v in (inputs or {}).items()}), **({"image": list(images)} if images else {})}
         decoded = {}
@@ -102,13 +126,47 @@ class ChatSession:
                 prompt = f"{self.vlm.modalities[name].placeholder}\n" * missing + prompt
         messages = self.messages + [{"role": "user", "content": prompt}]
         every = {n: self.inputs.get(n, []) + decoded.get(n, []) for n in set(self.inputs) | set(decoded)}
-        text = self._render(messages)
+        text, messages, every, max_new_tokens = self._fit(messages, every, notice)
         batch = self.vlm.processor([text], [every.get("image", [])],
                                    inputs=[{n: v for n, v in every.items() if n != "image"}])
-        shown = self._generate(batch, stream)
+        shown = self._generate(batch, stream, max_new_tokens)
         self.messages = messages + [{"role": "assistant", "content": shown.strip()}]
         self.inputs = every
         return shown
+
+    def _fit(self, messages: list[dict], every: dict[str, list], notice: Optional[Callable[[str], None]]):
+        """The rendered prompt, messages, inputs and answer budget that fit into the context."""
+        limit = self.context_length()
+        dropped = 0
+        while True:
+            text = self._render(messages)
+            if limit is None:
+                return text, messages, every, self.max_new_tokens
+            n = len(self.vlm.processor.tokenize(text))  # placeholders count as their slot tokens
+            if n + self.max_new_tokens <= limit or (len(messages) == 1 and n < limit):
+                break
+            if len(messages) == 1:
+                raise ContextError(f"the question is {n} tokens long with its inputs and the chat template; "
+                                   f"it does not fit into the model's context of {limit} tokens")
+            # leave out the oldest exchange (its user turn and the answer to it) and the inputs it brought
+            cut = next((i for i in range(1, len(messages)) if messages[i]["role"] == "user"), len(messages) - 1)
+            for m in messages[:cut]:
+                for name, mod in self.vlm.modalities.items():
+                    k = m["content"].count(mod.placeholder)
+                    if k and name in every:
+                        every = {**every, name: every[name][k:]}
+            messages = messages[cut:]
+            dropped += 1
+        max_new_tokens = min(self.max_new_tokens, limit - n)
+        if notice is not None and (dropped or max_new_tokens < self.max_new_tokens):
+            parts = []
+            if dropped:
+                parts.append(f"the oldest {dropped} exchange{'s' if dropped > 1 else ''} of the conversation "
+                             f"{'were' if dropped > 1 else 'was'} left out")
+            if max_new_tokens < self.max_new_tokens:
+                parts.append(f"the answer is limited to {max_new_tokens} tokens")
+            notice(f"The model reads at most {limit} tokens: {' and '.join(parts)}.")
+        return text, messages, every, max_new_tokens
 
     def _render(self, messages: list[dict]) -> str:
         from .data.prompts import render_chat
@@ -116,7 +174,7 @@ class ChatSession:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
         return render_chat(self.vlm.tokenizer, system + messages, self.template, add_generation_prompt=True)
 
-    def _generate(self, batch: dict, stream: Optional[Callable[[str], None]]) -> str:
+    def _generate(self, batch: dict, stream: Optional[Callable[[str], None]], max_new_tokens: int) -> str:
         import torch
 
         tokenizer = self.vlm.tokenizer
@@ -140,7 +198,7 @@ class ChatSession:
                     stream(piece)
 
         with torch.no_grad():
-            self.vlm.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+            self.vlm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=self.temperature > 0,
                               temperature=self.temperature or 1.0, top_p=self.top_p, streamer=on_token,
                               generator=self.generator)
         final = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -162,4 +220,4 @@ def chat_session(vlm, prompt: str, images: Sequence = (), *, max_new_tokens: int
         prompt, images, stream=stream)
 
 
-__all__ = ["ChatSession", "chat_session"]
+__all__ = ["ChatSession", "ContextError", "chat_session", "context_length"]

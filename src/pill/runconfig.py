@@ -87,6 +87,9 @@ class DataConfig:
     max_length: int = 512
     wrong_answer_p: float = 0.0  # random-wrong-answer augmentation (paper: 0.1)
     skip_bad: bool = False  # skip (and count) malformed samples instead of stopping
+    # Accept sample paths (a LLaVA image, a ScienceQA image name) that resolve outside the image
+    # folder / ScienceQA root, through ../, an absolute path or a symlink; refused by default.
+    allow_outside_root: bool = False
     too_long: Literal["skip", "error"] = "skip"
     limit: Optional[int] = None  # use only the first N samples
     # Also train on this LLaVA JSON (e.g. captions mixed into instruction tuning, as LLaVA-1.5 does).

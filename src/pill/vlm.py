@@ -495,13 +495,14 @@ class PillVLM(nn.Module):
     def chat(self, prompt: str, images: Sequence = (), history: Optional[list[dict]] = None,
              max_new_tokens: int = 128, stream: Optional[Callable[[str], None]] = None, *,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: Optional[int] = None,
-             inputs: Optional[dict[str, Sequence]] = None) -> str:
+             inputs: Optional[dict[str, Sequence]] = None, notice: Optional[Callable[[str], None]] = None) -> str:
         """Answer ``prompt`` about ``images`` (PIL images or paths) and ``inputs`` (other modalities
         by name) after the earlier ``history`` turns ({role, content}, without inputs); placeholders
         are prepended for inputs the prompt does not mention. ``stream(text_piece)`` receives the
         answer as it is produced. The conversation opens with ``self.system_prompt`` (set by
         :func:`pill.build.load_run` from the run's ``data.system_prompt``). One
-        :class:`~pill.chat.ChatSession` turn: the CLI and the web demo answer the same way."""
+        :class:`~pill.chat.ChatSession` turn: the CLI and the web demo answer the same way (a
+        conversation too long for the context loses its oldest turns; ``notice(message)`` says so)."""
         from .chat import ChatSession
 
         history = list(history or [])
@@ -510,7 +511,7 @@ class PillVLM(nn.Module):
             system, history = history[0]["content"], history[1:]
         session = ChatSession(self, max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                               top_p=top_p, seed=seed, system_prompt=system, history=history)
-        return session.ask(prompt, images, stream=stream, inputs=inputs).strip()
+        return session.ask(prompt, images, stream=stream, inputs=inputs, notice=notice).strip()
 
     @torch.no_grad()
     def measure_gates(self, **batch) -> dict:

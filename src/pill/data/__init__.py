@@ -195,6 +195,28 @@ def check_input_file(path: str, modality_name: str, sample_id: str, source: str,
         raise BadSample(f"{source}: {kind} {sample_id}: {m.label} file {what}: {path}", reason)
 
 
+def inside_root(root: Union[str, "os.PathLike"], ref: str, *, what: str, where: str, root_name: str,
+                allow_outside: bool = False) -> str:
+    """``root/ref``, or BadSample (``outside_root``) when it resolves outside ``root``.
+
+    ``ref`` is a path from a data file (a LLaVA ``image``, a ScienceQA image name); ``../``, an
+    absolute path and symlinks (of the file or of any folder on the way) are followed before the
+    check, and nothing is opened: a refused path is never read. ``what`` names the input in the
+    message ("image"), ``where`` the file and sample (``data.json: sample 7``), ``root_name`` the
+    folder ("the image folder"). ``allow_outside`` (``data.allow_outside_root``) skips the check.
+    """
+    import os
+
+    path = os.path.join(str(root), ref)
+    if allow_outside:
+        return path
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise BadSample(f"{where}: {what} path {ref!r} is outside {root_name} {root} (it resolves to {real}); "
+                        "set data.allow_outside_root: true if your data really lives there", "outside_root")
+    return path
+
+
 def read_json(path, what: str = "JSON") -> Any:
     """``json.load`` with a DataError naming the file, line and column of a syntax error."""
     import json
@@ -212,5 +234,5 @@ def read_json(path, what: str = "JSON") -> Any:
 
 __all__ = ["IMAGE_TOKEN", "Sample", "SampleList", "LoadReport", "BadSample", "image_key", "content_key",
            "check_placeholders",
-           "check_input_file",
+           "check_input_file", "inside_root",
            "check_image", "read_json"]

@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     sqa.add_argument("--limit", type=positive_int, default=3, help="how many samples to print")
     sqa.add_argument("--caption", action="store_true", help="add captions.json to the context")
     sqa.add_argument("--skip-bad", action="store_true", help="skip malformed problems, counting them")
+    sqa.add_argument("--allow-outside-root", action="store_true",
+                     help="accept image paths that resolve outside --root (../, absolute, symlinks)")
     _chat_args(sqa)
     sqa.set_defaults(func=_inspect_scienceqa)
 
@@ -35,6 +37,8 @@ def register(subparsers) -> None:
     llava.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
     llava.add_argument("--limit", type=positive_int, default=3)
     llava.add_argument("--skip-bad", action="store_true")
+    llava.add_argument("--allow-outside-root", action="store_true",
+                       help="accept image paths that resolve outside --image-folder (../, absolute, symlinks)")
     _chat_args(llava)
     llava.set_defaults(func=_inspect_llava)
 
@@ -88,12 +92,13 @@ def _inspect_scienceqa(args) -> int:
         parse_format(args.format)
     except ConfigError as e:
         raise ConfigError(f"--format: {e}") from None
-    stats = scienceqa_stats(args.root, args.split)
+    stats = scienceqa_stats(args.root, args.split, allow_outside_root=args.allow_outside_root)
     print(f"ScienceQA {args.root} [{args.split}]")
     for key, value in stats.items():
         print(f"  {key}: {value}")
     samples = load_scienceqa(args.root, args.split, prompt_format=args.format, use_caption=args.caption,
-                             skip_bad=args.skip_bad, limit=args.limit if not args.skip_bad else None)
+                             skip_bad=args.skip_bad, limit=args.limit if not args.skip_bad else None,
+                             allow_outside_root=args.allow_outside_root)
     if args.skip_bad:
         print(samples.report.summary())
     print(f"format {args.format}; the first {min(args.limit, len(samples))} samples:")
@@ -104,7 +109,8 @@ def _inspect_scienceqa(args) -> int:
 def _inspect_llava(args) -> int:
     from .llava import load_llava
 
-    samples = load_llava(args.json, args.image_folder, skip_bad=args.skip_bad)
+    samples = load_llava(args.json, args.image_folder, skip_bad=args.skip_bad,
+                         allow_outside_root=args.allow_outside_root)
     print(samples.report.summary())
     _show(samples, args)
     return 0

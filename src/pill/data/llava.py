@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 from ..errors import DataError
 from ..modalities import modalities
 from . import (BadSample, LoadReport, Sample, SampleList, check_image, check_input_file, check_placeholders,
-               read_json)
+               inside_root, read_json)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -46,8 +46,9 @@ def _read_records(path: Path) -> list:
 
 
 def record_to_sample(record: Any, index: int, image_folder: Union[str, os.PathLike], source: str,
-                     system_prompt: Optional[str] = None) -> Sample:
-    """One LLaVA record -> Sample; raises BadSample (missing_field, bad_field, no_answer, placeholder_mismatch)."""
+                     system_prompt: Optional[str] = None, allow_outside_root: bool = False) -> Sample:
+    """One LLaVA record -> Sample; raises BadSample (missing_field, bad_field, no_answer, placeholder_mismatch,
+    outside_root: an input path that resolves outside ``image_folder``, unless ``allow_outside_root``)."""
     if not isinstance(record, dict):
         raise BadSample(f"{source}: record {index}: expected an object, got {type(record).__name__}", "bad_field")
     sid = str(record.get("id", f"#{index}"))
@@ -82,7 +83,8 @@ def record_to_sample(record: Any, index: int, image_folder: Union[str, os.PathLi
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise BadSample(f"{where}: {m.json_field!r} must be a path or a list of paths", "bad_field")
         if names:
-            inputs[m.name] = [os.path.join(str(image_folder), n) for n in names]
+            inputs[m.name] = [inside_root(image_folder, n, what=m.label, where=where, root_name="the image folder",
+                                          allow_outside=allow_outside_root) for n in names]
     sample = Sample(id=sid, messages=messages, meta={"source": "llava", "index": index}).with_inputs(inputs)
     check_placeholders(sample, source)
     return sample
@@ -90,7 +92,7 @@ def record_to_sample(record: Any, index: int, image_folder: Union[str, os.PathLi
 
 def load_llava(json_path: Union[str, os.PathLike], image_folder: Union[str, os.PathLike], *, skip_bad: bool = False,
                check_images: bool = False, max_pixels: Optional[int] = None, system_prompt: Optional[str] = None,
-               limit: Optional[int] = None, progress: bool = True) -> SampleList:
+               limit: Optional[int] = None, progress: bool = True, allow_outside_root: bool = False) -> SampleList:
     """Load a LLaVA JSON/JSONL file.
 
     Args:
@@ -99,6 +101,9 @@ def load_llava(json_path: Union[str, os.PathLike], image_folder: Union[str, os.P
         check_images: decode every image now; by default only their existence is checked
             (decoding 600k images takes long; a bad image still fails, naming the file and
             sample, when the collator loads it).
+        allow_outside_root: accept input paths that resolve (through ``../``, an absolute path or a
+            symlink) outside ``image_folder``; by default such a sample is refused before its file
+            is opened (reason ``outside_root``).
     Returns a :class:`SampleList` (``report.counts``: with_image, text_only, multi_turn).
     """
     path = Path(json_path)
@@ -115,7 +120,7 @@ def load_llava(json_path: Union[str, os.PathLike], image_folder: Union[str, os.P
     for index, record in enumerate(tqdm(records, desc=path.name, disable=None if progress else True, leave=False)):
         report.total += 1
         try:
-            sample = record_to_sample(record, index, image_folder, source, system_prompt)
+            sample = record_to_sample(record, index, image_folder, source, system_prompt, allow_outside_root)
             for img in sample.images:
                 check_image(img, sample.id, source, decode=check_images, max_pixels=max_pixels)
             for name, refs in sample.media.items():

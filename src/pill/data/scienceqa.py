@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import DataError
-from . import BadSample, LoadReport, Sample, SampleList, check_image, check_placeholders, read_json
+from . import BadSample, LoadReport, Sample, SampleList, check_image, check_placeholders, inside_root, read_json
 from .prompts import OPTION_LETTERS, PromptOptions, build_target, parse_format, scienceqa_messages
 
 PathLike = Union[str, os.PathLike]
@@ -201,17 +201,22 @@ def validate_problem(problem: Any, qid: str, source: str, need: str = "") -> Non
         raise BadSample(f"{where}: 'image' must be a file name or null", "bad_field")
 
 
-def image_path(root: PathLike, qid: str, problem: dict, split: str) -> tuple[str, list[str]]:
+def image_path(root: PathLike, qid: str, problem: dict, split: str, *, allow_outside_root: bool = False,
+               where: str = "") -> tuple[str, list[str]]:
     """Where the image of ``problem`` is: the first existing candidate (and all candidates tried).
 
     Tries ``images/<s>/<qid>/<name>`` then ``<s>/<qid>/<name>`` for ``s`` the problem's own
-    split, then the requested one (``minitest`` problems live in ``test/``).
+    split, then the requested one (``minitest`` problems live in ``test/``). A candidate that
+    resolves outside ``root`` (a qid or image name with ``../``, an absolute name, a symlink out)
+    raises BadSample (``outside_root``) before anything is looked up, unless ``allow_outside_root``;
+    ``where`` names the file and problem in that message.
     """
-    root = Path(root)
     name = problem.get("image") or "image.png"
     candidates = []
     for s in dict.fromkeys(x for x in (problem.get("split"), split, _split_name(split)) if x):
-        candidates += [str(root / "images" / s / qid / name), str(root / s / qid / name)]
+        for rel in (os.path.join("images", s, qid, name), os.path.join(s, qid, name)):
+            candidates.append(inside_root(root, rel, what="image", where=where or f"{root}: problem {qid}",
+                                          root_name="the ScienceQA root", allow_outside=allow_outside_root))
     found = next((c for c in candidates if os.path.exists(c)), None)
     return (found or candidates[0]), candidates
 
@@ -264,6 +269,7 @@ def load_scienceqa(
     max_pixels: Optional[int] = None,
     limit: Optional[int] = None,
     progress: bool = True,
+    allow_outside_root: bool = False,
 ) -> SampleList:
     """Load one split of ScienceQA as chat samples.
 
@@ -278,13 +284,16 @@ def load_scienceqa(
         check_images: decode every image now (catches corrupt, truncated and oversized
             files at load time); with False only the files' existence is checked.
         limit: keep only the first ``limit`` problems of the split (debugging).
+        allow_outside_root: accept image paths that resolve (through ``../`` in a qid or image
+            name, an absolute name or a symlink) outside ``root``; by default such a problem is
+            refused before its file is opened (reason ``outside_root``).
     Returns a :class:`SampleList`; ``meta`` holds qid, answer, target_answer, choices,
     has_image, subject, grade, topic, category, format and the raw problem. The random wrong
     answer of training is drawn per epoch by :func:`wrong_answer_variant`.
     Raises DataError naming the file and problem id (unless ``skip_bad``).
     """
     opts = _prompt_options(options, prompt_format, use_caption, system_prompt)
-    source = _Source.open(root)
+    source = _Source.open(root, allow_outside_root)
     qids = load_split(source.root, split, problems=source.problems)[:limit]
     caption_map = _caption_map(source.root, captions) if opts.use_caption else {}
     report = LoadReport(source=f"{source.name} [{split}]")
@@ -327,14 +336,15 @@ class _Source:
     official: bool
     problems: dict[str, dict]
     image_bytes: dict[str, Optional[bytes]]  # parquet export: qid -> encoded image
+    allow_outside_root: bool = False  # accept image paths that resolve outside root
 
     @classmethod
-    def open(cls, root: PathLike) -> "_Source":
+    def open(cls, root: PathLike, allow_outside_root: bool = False) -> "_Source":
         root = Path(root)
         _check_root(root)
         if _is_official(root):
-            return cls(root, True, load_problems(root), {})
-        return cls(root, False, *_read_parquet(_parquet_files(root)))
+            return cls(root, True, load_problems(root), {}, allow_outside_root)
+        return cls(root, False, *_read_parquet(_parquet_files(root)), allow_outside_root)
 
     @property
     def name(self) -> str:
@@ -346,7 +356,8 @@ class _Source:
             return []
         if not self.official:
             return [self.image_bytes[qid]]
-        path, tried = image_path(self.root, qid, problem, split)
+        path, tried = image_path(self.root, qid, problem, split, allow_outside_root=self.allow_outside_root,
+                                 where=f"{self.name}: problem {qid}")
         if not os.path.exists(path):
             raise BadSample(f"{self.name}: problem {qid}: image file not found (tried {', '.join(tried)})",
                             "missing_image")
@@ -401,9 +412,10 @@ def _counts(samples: list[Sample], caption_map: dict[str, str]) -> dict[str, int
             "with_caption": sum(bool(caption_map.get(s.id)) for s in samples)}
 
 
-def scienceqa_stats(root: PathLike, split: str) -> dict[str, int]:
+def scienceqa_stats(root: PathLike, split: str, allow_outside_root: bool = False) -> dict[str, int]:
     """Counts over one split without loading images: problems, with_image, with_hint,
-    no_context (neither), missing_image_files, unknown_qids, invalid (malformed problems)."""
+    no_context (neither), missing_image_files, unknown_qids, invalid (malformed problems, and
+    image paths outside ``root`` unless ``allow_outside_root``)."""
     root = Path(root)
     problems = load_problems(root)
     qids = load_split(root, split, problems=problems)
@@ -417,13 +429,15 @@ def scienceqa_stats(root: PathLike, split: str) -> dict[str, int]:
             continue
         try:
             validate_problem(problem, str(qid), str(root))
-        except BadSample:
+            path = image_path(root, str(qid), problem, split, allow_outside_root=allow_outside_root)[0] \
+                if official and problem.get("image") else None
+        except BadSample:  # malformed, or an image path outside the root
             stats["invalid"] += 1
             continue
         has_image, has_hint = bool(problem.get("image")), bool(problem.get("hint"))
         stats["with_image"] += has_image
         stats["with_hint"] += has_hint
         stats["no_context"] += not (has_image or has_hint)
-        if has_image and official and not os.path.exists(image_path(root, str(qid), problem, split)[0]):
+        if path is not None and not os.path.exists(path):
             stats["missing_image_files"] += 1
     return stats

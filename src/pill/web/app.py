@@ -13,11 +13,13 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..data.images import load_image
+from ..chat import ContextError, context_length
 from ..errors import DataError
 from ..modalities import IMAGE_PLACEHOLDER
 
@@ -55,7 +57,7 @@ class Limits:
     max_question_chars: int = 2000
     max_history_messages: int = 32  # 16 earlier question/answer pairs
     max_message_chars: int = 8000
-    max_waiting: int = 8  # questions queued behind the one being answered; more get HTTP 503
+    max_waiting: int = 8  # requests queued behind the one being served (questions, uploads); more get HTTP 503
     max_images: int = 32  # uploads kept in memory, least recently used dropped first
 
     def __post_init__(self):
@@ -190,8 +192,10 @@ class DemoApp:
         self.limits = limits or Limits()
         self.gate_png = gate_plot(self.info.get("run_dir"))
         self._model_lock = threading.Lock()  # the model runs one request at a time
+        self._decode_lock = threading.Lock()  # uploads are decoded one at a time
         self._state_lock = threading.Lock()  # guards the fields below
-        self._waiting = 0
+        self._admitted = 0  # requests in the queue: answering, waiting for the model, decoding an upload
+        self._waiting = 0  # questions waiting for the model
         self._images: OrderedDict[str, Any] = OrderedDict()
 
     def public_info(self) -> dict:
@@ -199,9 +203,30 @@ class DemoApp:
         return {**self.info, "gate_plot": self.gate_png is not None,
                 "limits": {"max_upload_bytes": self.limits.max_upload_bytes, "max_pixels": self.limits.max_pixels,
                            "max_question_chars": self.limits.max_question_chars,
-                           "max_history_messages": self.limits.max_history_messages},
+                           "max_history_messages": self.limits.max_history_messages,
+                           "context_tokens": self.context_tokens()},
                 "settings": {name: {"min": lo, "max": hi, "default": default}
                              for name, (_, lo, hi, default) in SETTINGS.items()}}
+
+    def context_tokens(self) -> Optional[int]:
+        """The model's context in tokens (:meth:`pill.chat.ChatSession.context_length`), None if unknown."""
+        return context_length(self.vlm)
+
+    @contextmanager
+    def admission(self):
+        """A place in the queue (the request being served + ``max_waiting``), held while a request
+        is decoded, waits and is answered; RequestError 503 when the queue is full. The server
+        takes it before it reads an upload or a question, so refused requests are never decoded."""
+        with self._state_lock:
+            if self._admitted >= 1 + self.limits.max_waiting:
+                raise RequestError(503, f"the server is busy ({self._admitted - 1} requests waiting); "
+                                        "try again shortly")
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._admitted -= 1
 
     # -- images ------------------------------------------------------------------------------
     def add_image(self, data: bytes, name: str = "upload") -> dict:
@@ -211,7 +236,8 @@ class DemoApp:
         if not data:
             raise RequestError(400, f"{name}: the file is empty")
         try:
-            img = load_image(bytes(data), max_pixels=self.limits.max_pixels, name=name)
+            with self._decode_lock:  # one decoded upload in memory at a time, whatever arrives at once
+                img = load_image(bytes(data), max_pixels=self.limits.max_pixels, name=name)
         except DataError as e:
             raise RequestError(400, str(e)) from None
         width, height = img.size
@@ -241,6 +267,8 @@ class DemoApp:
             req = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RequestError(400, f"the request is not valid JSON ({e})") from None
+        except RecursionError:
+            raise RequestError(400, "the request is not valid JSON (nested too deeply)") from None
         if not isinstance(req, dict):
             raise RequestError(400, "the request must be a JSON object")
         question = req.get("question")
@@ -256,18 +284,17 @@ class DemoApp:
                 "settings": validate_settings(req.get("settings"))}
 
     def answer(self, request: dict, emit: Callable[[str, Any], None]) -> str:
-        """Answer a :meth:`parse_question` result, streaming through ``emit(event, data)``.
+        """Answer a :meth:`parse_question` result, streaming through ``emit(event, data)``; call it
+        within :meth:`admission`, which bounds the queue.
 
-        Events: ``queued {ahead}`` while another question is being answered, ``start``, then
-        ``token "text"`` pieces. Returns the answer; exceptions (including :class:`ClientGone`
-        from ``emit``) propagate after the model is released.
+        Events: ``queued {ahead}`` while another question is being answered, ``start``, ``notice
+        {message}`` when the conversation was cut to the model's context, then ``token "text"``
+        pieces. Returns the answer; exceptions (including :class:`ClientGone` from ``emit``)
+        propagate after the model is released.
         """
         with self._state_lock:
             free = self._model_lock.acquire(blocking=False)
             if not free:
-                if self._waiting >= self.limits.max_waiting:
-                    raise RequestError(503, f"the server is busy ({self._waiting} questions waiting); "
-                                            "try again shortly")
                 self._waiting += 1
                 ahead = self._waiting  # the question being answered + those queued before this one
         if not free:
@@ -278,11 +305,28 @@ class DemoApp:
                 with self._state_lock:
                     self._waiting -= 1
         try:
-            emit("start", {})
             t0 = time.perf_counter()
             images = [request["image"]] if request["image"] is not None else []
-            answer = self.vlm.chat(request["question"], images=images, history=request["history"],
-                                   stream=lambda piece: emit("token", piece), **request["settings"])
+            begun = []
+
+            def send(event: str, data) -> None:  # "start" goes first, once the prompt is known to fit
+                if not begun:
+                    begun.append(True)
+                    emit("start", {})
+                if event:
+                    emit(event, data)
+
+            try:
+                answer = self.vlm.chat(request["question"], images=images, history=request["history"],
+                                       stream=lambda piece: send("token", piece),
+                                       notice=lambda message: send("notice", {"message": message}),
+                                       **request["settings"])
+            except ContextError as e:  # before "start": a plain 400 the page shows as an error
+                raise RequestError(400, f"{e}; shorten the question") from None
+            except Exception:
+                send("", None)  # a failing model is reported as an error event of a started answer
+                raise
+            send("", None)
             log.info("answered in %.1f s", time.perf_counter() - t0)
             return answer
         finally:

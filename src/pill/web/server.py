@@ -12,6 +12,11 @@ Routes:
 
 Errors before an answer starts are JSON ``{"error": message}`` with a 4xx/5xx status; errors
 while answering arrive as an ``error`` event. Either way the server keeps serving.
+
+A POST whose ``Origin`` header names another host than its ``Host`` header is refused (403):
+a page elsewhere cannot make a visitor's browser use the model; clients that send no Origin
+(scripts, curl) are served. Uploads and questions take a place in the queue before their body
+is read, so what arrives beyond it is answered 503 without being decoded.
 """
 from __future__ import annotations
 
@@ -49,6 +54,13 @@ def _files(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in folder.iterdir() if p.is_file() and p.suffix in CONTENT_TYPES} if folder.is_dir() else {}
 
 
+def same_host(origin: str, host: str) -> bool:
+    """Whether the ``Origin`` header ``origin`` (``http://name:port``) names the host and port of the
+    ``Host`` header ``host`` (``name:port``); ``null`` and other schemes never do."""
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and parts.netloc.lower() == host.strip().lower()
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -73,6 +85,10 @@ class DemoServer(ThreadingHTTPServer):
         self.loopback_only = is_loopback(host)
         if ":" in host:
             self.address_family = socket.AF_INET6
+        # The listen backlog holds the connections that arrive faster than they are accepted; the
+        # standard library's 5 resets (or stalls) a burst of browsers, each of which opens several
+        # connections. Room for every place in the queue several times over; the kernel caps it.
+        self.request_queue_size = min(socket.SOMAXCONN, max(128, 8 * (app.limits.max_waiting + 1)))
         super().__init__((host, port), DemoHandler)
 
     @property
@@ -115,15 +131,30 @@ class DemoHandler(BaseHTTPRequestHandler):
         name = urlsplit(f"//{host}").hostname or ""
         return is_loopback(name)
 
+    def _origin_ok(self) -> bool:
+        """No Origin (a script, not a browser), or one that names this very host."""
+        origin = self.headers.get("Origin")
+        return origin is None or same_host(origin, self.headers.get("Host", ""))
+
     def _body(self, limit: int, what: str) -> bytes:
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise RequestError(411, "the request has no Content-Length")
         n = int(length)
         if n > limit:
-            self._drain(n)
             raise RequestError(413, too_large_message(n, limit, what))
+        self._body_read = True
         return self.rfile.read(n)
+
+    def _drain_unread(self) -> None:
+        """Before a refusal: read the unread body of a POST away, so the client reads the reply."""
+        length = self.headers.get("Content-Length", "")
+        if self.command == "POST" and not self._body_read:
+            self._body_read = True
+            if length.isdigit():
+                self._drain(int(length))
+            else:
+                self.close_connection = True
 
     def _drain(self, n: int) -> None:
         """Read a refused body away (up to DRAIN_LIMIT) so that the browser reads the 413, not a reset."""
@@ -138,14 +169,19 @@ class DemoHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, routes: dict) -> None:
         path = urlsplit(self.path).path
+        self._body_read = False
         try:
             if not self._host_ok():
                 raise RequestError(403, "unexpected Host header; open the demo at http://127.0.0.1:PORT/")
+            if self.command == "POST" and not self._origin_ok():
+                raise RequestError(403, f"requests from another site (Origin {self.headers.get('Origin')}) "
+                                        "are refused; open the demo at its own address")
             for route, handler in routes.items():  # "/x/" matches its whole folder, other routes one path
                 if path == route or (len(route) > 1 and route.endswith("/") and path.startswith(route)):
                     return handler(path[len(route):] if route.endswith("/") else path)
             raise RequestError(404, f"no such page: {path}")
         except RequestError as e:
+            self._drain_unread()
             self._error(e.status, str(e))
         except (BrokenPipeError, ConnectionResetError, ClientGone):
             log.info("client went away during %s %s", self.command, path)
@@ -185,18 +221,26 @@ class DemoHandler(BaseHTTPRequestHandler):
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         # image/* or octet-stream only: both need a CORS preflight, so other sites cannot post here.
         if not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-            length = self.headers.get("Content-Length", "")
-            self._drain(int(length) if length.isdigit() else 0)
             raise RequestError(415, "send the image file itself (Content-Type image/*)")
-        data = self._body(self.server.app.limits.max_upload_bytes, "file")
-        name = unquote(self.headers.get("X-File-Name", ""))[:200] or "upload"
-        self._json(200, self.server.app.add_image(data, name=name))
+        app = self.server.app
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > app.limits.max_upload_bytes:  # 413 before 503: waiting will not help
+            raise RequestError(413, too_large_message(int(length), app.limits.max_upload_bytes))
+        with app.admission():  # before the body is read: beyond the queue nothing is read or decoded
+            data = self._body(app.limits.max_upload_bytes, "file")
+            name = unquote(self.headers.get("X-File-Name", ""))[:200] or "upload"
+            reply = app.add_image(data, name=name)
+        self._json(200, reply)
 
     def _chat(self, _path) -> None:
         if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
             raise RequestError(415, "send the question as JSON (Content-Type application/json)")
+        with self.server.app.admission():
+            self._answer(self._body(MAX_JSON_BYTES, "request"))
+
+    def _answer(self, body: bytes) -> None:
         app = self.server.app
-        request = app.parse_question(self._body(MAX_JSON_BYTES, "request"))
+        request = app.parse_question(body)
         started = False
 
         def emit(event: str, data) -> None:

@@ -12,6 +12,11 @@ function showError(message) {
   box.hidden = !message;
 }
 function setStatus(message) { $("status").textContent = message || ""; }
+function showNotice(message) {
+  const box = $("notice");
+  box.textContent = message || "";
+  box.hidden = !message;
+}
 function formatCount(n) { return n.toLocaleString("en-US"); }
 function formatMB(bytes) { return (bytes / 1048576).toFixed(1) + " MB"; }
 
@@ -57,7 +62,9 @@ async function loadInfo() {
   syncSampling();
   $("question").maxLength = info.limits.max_question_chars;
   $("limits-note").textContent =
-    `Up to ${formatMB(info.limits.max_upload_bytes)} and ${formatCount(info.limits.max_pixels)} pixels.`;
+    `Up to ${formatMB(info.limits.max_upload_bytes)} and ${formatCount(info.limits.max_pixels)} pixels.`
+    + (info.limits.context_tokens ? ` The model reads at most ${formatCount(info.limits.context_tokens)} tokens:`
+       + " beyond that the oldest turns of a conversation are left out." : "");
 }
 
 function syncSampling() {
@@ -220,6 +227,7 @@ async function ask(e) {
   e.preventDefault();
   if (state.busy) return;
   showError("");
+  showNotice("");
   const question = $("question").value.trim();
   if (!question) { showError("Type a question first."); return; }
   let settings;
@@ -247,6 +255,7 @@ async function ask(e) {
     for await (const { event, data } of readEvents(resp)) {
       if (event === "queued") setStatus(`Waiting: the model is answering another question (${data.ahead} ahead)…`);
       else if (event === "start") setStatus("Answering…");
+      else if (event === "notice") showNotice(data.message);
       else if (event === "token") text.textContent += text.textContent ? data : data.trimStart();
       else if (event === "done") answer = data.answer;
       else if (event === "error") throw new Error(data.message);
