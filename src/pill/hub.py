@@ -219,9 +219,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, repo_id: Optional[st
             tensors, meta = load_weights(d / WEIGHTS)
             merged.update(tensors)
             stages.append(meta.get("stage", "?"))
-        save_weights(out / WEIGHTS, merged, {**meta, "stages": stages})
         cfg = _read_config(run)
-        cfg.init_from = None
+        cfg.init_from = None  # the folder holds every stage: its weights record the config it loads with
+        save_weights(out / WEIGHTS, merged, {**meta, "stages": stages, "config": cfg.to_dict()})
         save_config(cfg, out / "config.yaml")
     return out
 
