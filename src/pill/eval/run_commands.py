@@ -158,13 +158,19 @@ def _eval_scienceqa(args: argparse.Namespace) -> int:
         parse_format(prompt_format)  # before the model is loaded
     except PillError as e:
         raise ConfigError(f"--format {prompt_format}: {e}") from None
+    if args.protocol == "reference" and args.mode != "generate":
+        raise ConfigError("--protocol reference: the reference generates its answers; drop --mode likelihood")
+    if args.protocol == "reference" and cfg.data.prompt_style != "reference":
+        print(f"note: {run} was trained with data.prompt_style {cfg.data.prompt_style}; --protocol reference "
+              "asks with the reference's prompts", file=sys.stderr)
     vlm = load_model(str(run), _device(args.device))
-    out = Path(args.out) if args.out else run / f"eval-{args.split}"
+    suffix = "" if args.protocol == "pill" else f"-{args.protocol}"
+    out = Path(args.out) if args.out else run / f"eval-{args.split}{suffix}"
     result = evaluate_scienceqa(vlm, data, args.split, prompt_format=prompt_format, limit=args.limit,
                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mode=args.mode,
-                                out_dir=out, use_caption=use_caption)
-    print(f"ScienceQA {args.split}, format {prompt_format}, mode {args.mode}: {result['count']} problems "
-          f"in {result['seconds']:.1f} s\n")
+                                out_dir=out, use_caption=use_caption, protocol=args.protocol, seed=args.seed)
+    print(f"ScienceQA {args.split}, format {prompt_format}, mode {args.mode}, protocol {args.protocol}: "
+          f"{result['count']} problems in {result['seconds']:.1f} s\n")
     print(format_table(result))
     print()
     for name, path in result["files"].items():
@@ -190,9 +196,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sqa.add_argument("--mode", choices=["generate", "likelihood"], default="generate",
                      help="generate: greedy decoding + answer extraction (as the papers); likelihood: rank the "
                           "option letters by log P(letter | prompt, 'The answer is'), one forward pass per batch")
-    sqa.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval-SPLIT)")
+    sqa.add_argument("--protocol", choices=["pill", "reference"], default="pill",
+                     help="pill: the run's prompts, --mode decoding, an unreadable answer counts as wrong; "
+                          "reference: as the reference code's eval_sqa.py (its prompts, sampling at T 0.1 / "
+                          "top-p 0.75, up to 512 tokens, the regex 'The answer is ([A-Z]).', a seeded random "
+                          "option where it finds none). Both report the unparsed answers")
+    sqa.add_argument("--seed", type=int, default=0,
+                     help="--protocol reference: seed of the sampling and of the random fallback (default: 0)")
+    sqa.add_argument("--out", metavar="DIR",
+                     help="output folder (default: RUN/eval-SPLIT, RUN/eval-SPLIT-reference with --protocol reference)")
     sqa.add_argument("--max-new-tokens", type=int, metavar="N",
-                     help="generation length (default: 8 for output format A, 256 with lecture/explanation)")
+                     help="generation length (default: 8 for output format A, 256 with lecture/explanation; "
+                          "512 with --protocol reference)")
     sqa.add_argument("--use-caption", action=argparse.BooleanOptionalAction, default=None,
                      help="add captions.json captions to the context (default: as the run was trained)")
     sqa.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
