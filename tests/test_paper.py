@@ -144,3 +144,50 @@ def test_image_normalisation_override_changes_pixels_and_fingerprint():
     assert ModelConfig(image_mean=[0.5] * 3, image_std=[0.2] * 3).encoder_configs()["image"].image_std == [0.2] * 3
     with pytest.raises(CE, match="image_mean and image_std"):
         ModelConfig(image_mean=[0.5] * 3)
+
+
+def test_blip2_from_a_hub_id_downloads_only_the_shards_it_reads(tmp_path, monkeypatch):
+    """blip2-flan-t5-xxl's language model is most of its size: only the shards with the vision
+    tower, the Q-Former and the queries are fetched (a fake hub serves a sharded checkpoint)."""
+    import fnmatch
+    import json
+    import shutil
+
+    import huggingface_hub
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from pill.encoders import load_encoder
+
+    cfg = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            encoder_hidden_size=32),
+        text_config=dict(model_type="opt", hidden_size=64, ffn_dim=256, num_hidden_layers=4,
+                         num_attention_heads=2, vocab_size=2000, word_embed_proj_dim=64),
+        num_query_tokens=5)
+    torch.manual_seed(0)
+    remote = tmp_path / "remote"
+    Blip2ForConditionalGeneration(cfg).save_pretrained(remote, max_shard_size="200KB")
+    index = json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"]
+    wanted = {f for n, f in index.items() if n.startswith(("vision_model.", "qformer.", "query_tokens"))}
+    assert set(index.values()) - wanted, "the test checkpoint needs shards of the language model alone"
+    fetched = []
+
+    def fake_download(repo_id, allow_patterns=None, **kw):
+        local = tmp_path / "snapshot"
+        local.mkdir(exist_ok=True)
+        for f in remote.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, local / f.name)
+                fetched.append(f.name)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    vpg = load_encoder("blip2-qformer", "someone/blip2-tiny")
+    shards = {f for f in fetched if f.endswith(".safetensors")}
+    assert shards == wanted
+    local = load_encoder("blip2-qformer", str(remote))
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(vpg(x), local(x))
