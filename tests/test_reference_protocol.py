@@ -157,3 +157,13 @@ def test_reference_style_run_trains_and_tokenises(vlm, sqa):
     samples = load_scienceqa(sqa, "test", prompt_style="reference", progress=False)
     enc = encode_sample(samples[0], vlm.processor, 512)  # the sample's own template, with image slots
     assert enc.num_images == 1 and sum(m == 1 for m in enc.modality_ids) == vlm.processor.num_image_tokens
+
+
+def test_data_inspect_shows_the_reference_prompts(sqa, capsys):
+    from pill.cli import main
+
+    assert main(["data", "inspect", "scienceqa", "--root", str(sqa), "--format", "QCM-ALE", "--limit", "2",
+                 "--prompt-style", "reference", "--model", "smollm2-135m-instruct"]) == 0
+    out = capsys.readouterr().out
+    assert "Image:<image>.\nQuestion: Which colour is the square?" in out and "Image:N/A.\nQuestion: Which word" in out
+    assert "[INST]<<SYS>>\nYou are a language vision assistant." in out and "[/INST]The answer is" in out
