@@ -9,7 +9,8 @@ The layers, bottom to top (README, "Layout"):
 3. model inputs -- the processor;
 4. model and data -- the vision-language model and its chat path, datasets and batches, the run configs;
 5. build -- configs -> models and data, checkpoints;
-6. work -- training, evaluation, the web server, the Hub, integrations with other tools;
+6. work -- training, evaluation, the web server, the Hub, integrations with other tools, checkpoint
+   conversion;
 7. entry points -- the command line, the demo and the sub-command handlers.
 """
 import ast
@@ -26,7 +27,7 @@ LAYERS = [
     ["processor"],
     ["vlm", "chat", "data", "runconfig"],
     ["build", "checkpoint"],
-    ["train", "eval", "web", "hub", "integrations"],
+    ["train", "eval", "web", "hub", "integrations", "convert"],
     ["cli", "commands", "demo", "__init__", "data.commands", "train.commands", "eval.commands",
      "eval.run_commands", "web.commands", "web.make_examples", "__main__"],
 ]

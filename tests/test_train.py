@@ -280,11 +280,8 @@ def test_cli_reports_config_errors_cleanly(tmp_path, synth_root, feature_dir):
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
     assert cfg.stage in ("align", "finetune")
-    if "paper" in path.parts:
+    if "paper" in path.parts:  # the numbers of each stage: tests/test_paper.py
         assert cfg.pill.r == 32 and cfg.model.llm.startswith("meta-llama/Llama-2-7b")
-        assert (cfg.optim.lr, cfg.optim.batch_size, cfg.data.max_length) == \
-            ((1e-3, 32, 128) if cfg.stage == "align" else (2e-3, 4, 512))
-        assert cfg.optim.epochs == (3 if cfg.stage == "align" else 20)
 
 
 def test_mixed_llava_data_and_gate_learning_rate(tmp_path, synth_root, feature_dir):

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .runconfig import EncoderConfig, TrainConfig, load_config
 
 UNTRAINED_NOTE = (
@@ -32,7 +32,13 @@ def load_encoder_from_config(enc: EncoderConfig, *, pretrained: bool = True) -> 
     """The frozen encoder an :class:`~pill.runconfig.EncoderConfig` names."""
     from .encoders import load_encoder
 
-    return load_encoder(enc.name, enc.path, layer=enc.layer, pool=enc.pool, pretrained=pretrained)
+    encoder = load_encoder(enc.name, enc.path, layer=enc.layer, pool=enc.pool, pretrained=pretrained)
+    if enc.image_mean is not None:
+        set_normalisation = getattr(encoder, "set_normalisation", None)
+        if set_normalisation is None:
+            raise ConfigError(f"image_mean, image_std: encoder {enc.name!r} does not read images")
+        set_normalisation(enc.image_mean, enc.image_std)
+    return encoder
 
 
 def build_vlm(cfg: TrainConfig, device: str = "cpu"):
@@ -69,14 +75,15 @@ def load_dataset_samples(cfg: TrainConfig, progress: bool = True):
 
         samples = load_scienceqa(d.root, d.split, prompt_format=d.prompt_format, use_caption=d.use_caption,
                                  skip_bad=d.skip_bad, limit=d.limit, progress=progress, system_prompt=d.system_prompt,
-                                 allow_outside_root=d.allow_outside_root)
+                                 allow_outside_root=d.allow_outside_root, prompt_style=d.prompt_style)
     else:
         samples = load_llava(d.json, d.image_folder or os.path.dirname(d.json), skip_bad=d.skip_bad, limit=d.limit,
-                             progress=progress, system_prompt=d.system_prompt, allow_outside_root=d.allow_outside_root)
+                             progress=progress, system_prompt=d.system_prompt, allow_outside_root=d.allow_outside_root,
+                             prompt_style=d.prompt_style)
     if d.mix_llava_json:
         extra = load_llava(d.mix_llava_json, d.mix_image_folder or os.path.dirname(d.mix_llava_json),
                            skip_bad=d.skip_bad, limit=d.mix_limit, progress=progress, system_prompt=d.system_prompt,
-                           allow_outside_root=d.allow_outside_root)
+                           allow_outside_root=d.allow_outside_root, prompt_style=d.prompt_style)
         samples.extend(extra)
     return samples
 
@@ -192,10 +199,12 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: Optional["torch.dt
     ``pill.safetensors``; the checkpoint's fingerprints must match the base LLM and encoders loaded
     now, and it must hold every tensor its stage trains (:func:`load_stage`). When the run started
     from an earlier stage (``init_from``), tensors that this stage did not train come from there.
-    Sets ``vlm.run_info`` = {run_dir, stages, llm, vpg} and ``vlm.system_prompt`` (the run's
-    ``data.system_prompt``).
+    Sets ``vlm.run_info`` = {run_dir, stages, llm, vpg}, ``vlm.system_prompt`` (the run's
+    ``data.system_prompt``), ``vlm.prompt_style`` and ``vlm.chat_template`` (the template of that
+    style; None: the tokenizer's own).
     """
     from .checkpoint import WEIGHTS
+    from .data.prompts import style_template
 
     run_dir = resolve_run(run_dir)
     chain = run_chain(run_dir)
@@ -213,6 +222,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", dtype: Optional["torch.dt
     vlm.eval()
     vlm.run_info = {"run_dir": str(run_dir), "stages": stages, "llm": cfg.model.llm, "vpg": cfg.model.vpg}
     vlm.system_prompt = cfg.data.system_prompt  # chat as the run was trained
+    vlm.prompt_style = cfg.data.prompt_style
+    vlm.chat_template = style_template(cfg.data.prompt_style)  # None: the tokenizer's own
     return vlm
 
 

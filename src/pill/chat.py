@@ -44,7 +44,9 @@ class ChatSession:
         max_new_tokens: answer length limit per turn.
         temperature: 0 for greedy decoding, > 0 to sample (with ``top_p``).
         seed: seed of the sampling generator (sampling only).
-        template: chat template name or string (default: the tokenizer's own).
+        template: chat template name or string (default: ``vlm.chat_template``, which
+            :func:`~pill.build.load_run` sets for a run trained in the reference prompt style; else
+            the tokenizer's own).
         system_prompt: system message of the conversation (default: ``vlm.system_prompt``, which
             :func:`~pill.build.load_run` sets to the run's; None there: the template's default).
         history: earlier ``{role, content}`` turns (without inputs) to continue from.
@@ -65,7 +67,7 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
-        self.template = template
+        self.template = template if template is not None else getattr(vlm, "chat_template", None)
         self.system_prompt = system_prompt if system_prompt is not None else getattr(vlm, "system_prompt", None)
         self.generator = None
         if seed is not None and temperature > 0:

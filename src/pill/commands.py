@@ -1,4 +1,5 @@
-"""Core sub-commands: ``pill params``, ``pill demo``, and ``pill card`` / ``pill push`` (the Hub)."""
+"""Core sub-commands: ``pill params``, ``pill demo``, ``pill card`` / ``pill push`` (the Hub) and
+``pill convert reference``."""
 from __future__ import annotations
 
 import argparse
@@ -133,6 +134,18 @@ def _repo_id(text: str) -> str:
     return text
 
 
+def _convert_reference(args) -> int:
+    from .convert import convert_reference, default_config_path, load_convert_config
+
+    config = args.config or default_config_path()
+    cfg = load_convert_config(config, args.set)
+    result = convert_reference(args.checkpoint, args.out, cfg, stage=args.stage, device=args.device or "cpu")
+    epoch = f", epoch {result['epoch']}" if result["epoch"] is not None else ""
+    print(f"wrote {result['run_dir']}: {result['tensors']} plug-in tensors, stage {result['stage']}{epoch}, "
+          f"model from {config}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("card", help="write a finished run's model card (RUN/README.md, Hub format)")
     p.add_argument("run", metavar="RUN", help="a finished run directory")
@@ -149,6 +162,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--message", help="commit message")
     p.add_argument("--to-folder", metavar="DIR", help="lay the repository out in DIR instead of uploading")
     p.set_defaults(func=_push)
+
+    conv = sub.add_parser("convert", help="turn checkpoints of other code into pill runs")
+    conv_sub = conv.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    p = conv_sub.add_parser("reference", help="a checkpoint of the reference PILL code (DsaltYfish/PILL) -> a run",
+                            description="Rename the adapter, expert, gate and projector tensors of a .pth file "
+                                        "written by the reference code onto pill's plug-ins in the model of "
+                                        "CONFIG, and write RUN_DIR (config.yaml + pill.safetensors with that "
+                                        "model's fingerprints). Anything that does not fit is refused.")
+    p.add_argument("checkpoint", metavar="CKPT.pth", help="the reference checkpoint (read with weights_only=True)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory to write")
+    p.add_argument("--config", metavar="YAML",
+                   help="training config whose model and pill sections the checkpoint belongs to "
+                        "(default: the packaged configs/paper/stage2_scienceqa.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--stage", choices=["finetune", "align"], default="finetune",
+                   help="finetune (ScienceQA / instruction tuning, default) or align (a CC595K checkpoint)")
+    p.add_argument("--device", help="where to build the model for its fingerprints (default: cpu)")
+    p.set_defaults(func=_convert_reference)
 
     p = sub.add_parser("demo", help="the whole method on CPU: benchmark, before/after, two training stages")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")

@@ -126,11 +126,14 @@ def _coerce_plain(value: Plain, tp: Any, where: str) -> Any:
         if type(None) in args and text in _NULL:
             return None
         options = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)  # text last
+        reasons = []
         for a in options:
             try:
                 return _coerce_plain(value, a, where)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                reasons.append(str(e))
+        if len(reasons) == 1 and "expected" not in reasons[0]:  # the value has the type but not a valid value
+            raise ConfigError(reasons[0])
         raise ConfigError(f"{where}: expected {_accepted(tp)}, got {text!r}")
     if origin is Literal:
         for a in args:
@@ -292,6 +295,9 @@ class PillConfig:
             (one learned scalar per KV head and layer).
         layers: indices of the decoder layers to plug; ``None`` = all layers.
         init_std: std of the normal init of the adapters' down/gate projections.
+        swiglu_gate_init: init of the SwiGLU adapter's gate projection ``W_g``: ``normal``
+            (N(0, init_std), like ``W_d``) or ``torch_default`` (``nn.Linear``'s uniform init, as
+            the reference code leaves it).
     """
 
     adapter: Literal["swiglu", "classic"] = "swiglu"
@@ -304,6 +310,7 @@ class PillConfig:
     gate: Literal["token", "head"] = "token"
     layers: Optional[list[int]] = None
     init_std: float = 0.02
+    swiglu_gate_init: Literal["normal", "torch_default"] = "normal"
 
     def __post_init__(self) -> None:
         if self.r < 1:

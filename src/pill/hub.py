@@ -61,7 +61,7 @@ def _stages(run: Path) -> list[dict[str, Any]]:
         meta = read_metadata(d / WEIGHTS)
         last = _last_metrics(d)
         out.append({"run": d.name, "stage": meta.get("stage", cfg.stage), "steps": meta.get("step"),
-                    "data": _describe_data(cfg), "final_loss": last.get("loss"), "lr": cfg.optim.lr,
+                    "data": _describe_data(cfg), "final_loss": last.get("loss"), "lr": cfg.optim.effective_lr,
                     "batch_size": cfg.optim.batch_size, "trained": _trained(cfg.stage)})
     return out
 

@@ -263,7 +263,8 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
         p.requires_grad_(False)
 
     def adapter() -> nn.Module:
-        return build_adapter(config.adapter, dim, config.r, config.activation, config.init_std)
+        return build_adapter(config.adapter, dim, config.r, config.activation, config.init_std,
+                             config.swiglu_gate_init)
 
     layer_prefix = _module_name(model, layers)
     for i in wanted:

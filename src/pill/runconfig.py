@@ -20,6 +20,23 @@ class EncoderConfig:
     layer: Optional[int] = None  # which encoder layer gives the tokens, where the encoder has a choice
     pool: Optional[int] = None  # pool the encoder's token grid, where it has one
     feature_norm: bool = False  # standardise the features per channel before the projector
+    # image encoders: normalise pixels with this per-channel mean / std instead of the checkpoint's
+    image_mean: Optional[list[float]] = None
+    image_std: Optional[list[float]] = None
+
+    def __post_init__(self):
+        _check_normalisation(self.image_mean, self.image_std)
+
+
+def _check_normalisation(mean: Optional[list[float]], std: Optional[list[float]]) -> None:
+    if (mean is None) != (std is None):
+        raise ConfigError("image_mean and image_std: set both or neither")
+    if mean is None:
+        return
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(f"image_mean and image_std: three values each (R, G, B), got {mean} and {std}")
+    if any(v <= 0 for v in std):
+        raise ConfigError(f"image_std: must be > 0, got {std}")
 
 
 @dataclass
@@ -38,6 +55,11 @@ class ModelConfig:
     # run starts without init_from, stored with the trained tensors). Not in the paper; needed for
     # uncentred features such as EfficientNet block outputs.
     feature_norm: bool = False
+    # Normalise the images with this per-channel mean / std instead of the VPG checkpoint's own
+    # (preprocessor_config.json). The reference PILL code uses ImageNet's (0.485, 0.456, 0.406) /
+    # (0.229, 0.224, 0.225) in front of BLIP-2, whose checkpoints ship CLIP's.
+    image_mean: Optional[list[float]] = None
+    image_std: Optional[list[float]] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the frozen weights
     # Smoke tests: tiny random-init models (llm then names a family of pill.families: llama, qwen3, ...).
     random_init: bool = False
@@ -45,7 +67,8 @@ class ModelConfig:
 
     def encoder_configs(self) -> dict[str, EncoderConfig]:
         """Modality name -> encoder: the image encoder, then ``encoders``."""
-        image = EncoderConfig(self.vpg, self.vpg_path, self.vpg_layer, self.pool, self.feature_norm)
+        image = EncoderConfig(self.vpg, self.vpg_path, self.vpg_layer, self.pool, self.feature_norm,
+                              self.image_mean, self.image_std)
         return {"image": image, **self.encoders}
 
     def __post_init__(self):
@@ -58,6 +81,7 @@ class ModelConfig:
                 raise ConfigError(f"llm: with random_init it names a family ({', '.join(supported_types())}), "
                                   f"got {self.llm!r}")
         validate_encoder_settings(self.vpg, self.vpg_path, self.vpg_layer, self.pool)
+        _check_normalisation(self.image_mean, self.image_std)
         if "image" in self.encoders:
             raise ConfigError("encoders.image: the image encoder is set by vpg, vpg_path, vpg_layer and pool")
         from .modalities import modality
@@ -75,6 +99,10 @@ class DataConfig:
     """Where the samples come from and how they become prompts."""
 
     format: Literal["scienceqa", "llava"] = "scienceqa"
+    # How samples become text (pill.data.prompts). pill: the LLM's own chat template, the image
+    # placeholder on its own line. reference: the reference PILL code's text -- "[INST]" + user +
+    # "[/INST]" + answer per turn, and for ScienceQA its system message and "Image:" / "Image:N/A."
+    prompt_style: Literal["pill", "reference"] = "pill"
     root: Optional[str] = None  # ScienceQA folder (official layout or parquet export)
     split: str = "train"
     prompt_format: str = "QCM-A"  # ScienceQA input-output format, e.g. QCM-ALE
@@ -124,9 +152,17 @@ MAX_LR = 1.0
 
 @dataclass
 class OptimConfig:
-    """AdamW with cosine decay after a linear warm-up."""
+    """AdamW with cosine decay after a linear warm-up.
 
-    lr: float = 2e-3
+    The learning rate is given either as ``lr`` (the rate itself) or as ``base_lr`` with
+    ``lr_scaling: linear_256``, the rule of the reference code: ``lr = base_lr * batch_size / 256``
+    (``batch_size`` being the global batch, accumulation included). :attr:`effective_lr` is the
+    rate the optimizer uses either way; neither given means ``lr`` 2e-3.
+    """
+
+    lr: Optional[float] = None
+    base_lr: Optional[float] = None
+    lr_scaling: Optional[Literal["linear_256"]] = None  # how base_lr becomes the rate; required with base_lr
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.05
@@ -134,25 +170,52 @@ class OptimConfig:
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
     batch_size: int = 4  # global batch (samples per optimizer step), independent of the process count
     micro_batch_size: int = 4  # per process and forward pass; gradients accumulate up to batch_size
-    grad_clip: Optional[float] = 1.0
+    grad_clip: Optional[float] = 1.0  # max gradient norm; null: no clipping
     min_lr_ratio: float = 0.0
     gate_lr_scale: float = 1.0  # learning-rate multiplier for the attention gates (MAG)
+    # weight decay of the attention gates: 0 keeps an unused gate at zero; the reference code
+    # decays every trained matrix, gates included
+    gate_weight_decay: float = 0.0
     # learning-rate multiplier for the projector: Adam moves every weight by about lr per step, so
     # the projected image tokens move by about lr * |features|_1 -- large next to the LLM's
     # embeddings when the VPG's features are wide and unnormalised (EfficientNet: 1280 channels)
     projector_lr_scale: float = 1.0
 
+    DEFAULT_LR = 2e-3
+
+    @property
+    def effective_lr(self) -> float:
+        """The learning rate the optimizer uses (peak of the schedule)."""
+        if self.base_lr is not None:
+            return self.base_lr * self.batch_size / 256  # lr_scaling linear_256, the only rule
+        return self.lr if self.lr is not None else self.DEFAULT_LR
+
     def __post_init__(self):
+        if self.lr is not None and self.base_lr is not None:
+            raise ConfigError(f"lr and base_lr: set one of them, not both (lr {self.lr}, base_lr {self.base_lr}; "
+                              "base_lr with lr_scaling gives lr = base_lr * batch_size / 256)")
+        if self.base_lr is not None and self.lr_scaling is None:
+            raise ConfigError("lr_scaling: required with base_lr (linear_256: lr = base_lr * batch_size / 256)")
+        if self.lr_scaling is not None and self.base_lr is None:
+            raise ConfigError("lr_scaling: only with base_lr (set base_lr, or drop lr_scaling and set lr)")
+        for name in ("lr", "base_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {value}")
         # Adam moves every weight by about lr per step: above 1 a single step outweighs the weights
         # themselves, and a huge lr (1e30) overflows them to inf/NaN.
-        if not 0 < self.lr <= MAX_LR:
-            raise ConfigError(f"lr: must be in (0, {MAX_LR}], got {self.lr}")
+        lr = self.effective_lr
+        if not 0 < lr <= MAX_LR:
+            what = "lr" if self.base_lr is None else "base_lr x batch_size / 256"
+            raise ConfigError(f"{what}: must be in (0, {MAX_LR}], got {lr}")
         for name in ("gate_lr_scale", "projector_lr_scale"):
             scale = getattr(self, name)
             if scale <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {scale}")
-            if self.lr * scale > MAX_LR:
-                raise ConfigError(f"{name}: lr x {name} = {self.lr * scale:g} must be <= {MAX_LR}")
+            if lr * scale > MAX_LR:
+                raise ConfigError(f"{name}: lr x {name} = {lr * scale:g} must be <= {MAX_LR}")
+        if self.gate_weight_decay < 0:
+            raise ConfigError(f"gate_weight_decay: must be >= 0, got {self.gate_weight_decay}")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ConfigError("batch_size and micro_batch_size: must be >= 1")
         if self.epochs < 1:

@@ -82,7 +82,9 @@ def encode_sample(sample: Sample, processor, max_length: Optional[int], *, templ
                   truncate: bool = True) -> Encoded:
     """Token ids, modality ids and labels of one sample, in the model's chat template.
 
-    Labels are -100 except on the assistant answers and their end-of-turn token.
+    ``template``: default the sample's own (``meta["template"]``, set by a loader for a prompt
+    style), else the tokenizer's. Labels are -100 except on the assistant answers and their
+    end-of-turn token.
     Longer than ``max_length``: cut from the right, never inside an image's K slots
     (an image cut off is dropped: ``num_images`` shrinks), keeping at least one answer
     token. Raises SampleTooLong (a DataError) when that is impossible or ``truncate``
@@ -90,6 +92,7 @@ def encode_sample(sample: Sample, processor, max_length: Optional[int], *, templ
     Returns Encoded with ``len <= max_length``.
     """
     name = f"sample {sample.id}"
+    template = template if template is not None else sample.meta.get("template")
     ids: list[int] = []
     mods: list[int] = []
     labels: list[int] = []
@@ -147,11 +150,13 @@ def encode_prompt(messages: Sequence[dict], processor, *, template: Optional[str
 
 
 def prompt_items(samples: Sequence[Sample], processor, *, template: Optional[str] = None) -> list[dict]:
-    """Collator items for generation: each sample's messages before its last answer."""
+    """Collator items for generation: each sample's messages before its last answer, rendered with
+    ``template`` (default: the sample's own, ``meta["template"]``, else the tokenizer's)."""
     items = []
     for s in samples:
         messages = s.messages[:-1] if s.messages and s.messages[-1]["role"] == "assistant" else s.messages
-        items.append({"id": s.id, "encoded": encode_prompt(messages, processor, template=template),
+        own = template if template is not None else s.meta.get("template")
+        items.append({"id": s.id, "encoded": encode_prompt(messages, processor, template=own),
                       "inputs": s.inputs()})
     return items
 

@@ -54,7 +54,11 @@ def register(subparsers) -> None:
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="also render with this LLM's chat template and count tokens (e.g. smollm2-135m-instruct)")
-    p.add_argument("--template", default=None, help="chat template name (llama-2, chatml, plain) or Jinja text")
+    p.add_argument("--template", default=None,
+                   help="chat template name (llama-2, chatml, plain, reference) or Jinja text")
+    p.add_argument("--prompt-style", choices=["pill", "reference"], default="pill",
+                   help="pill: the LLM's chat template; reference: the reference PILL code's prompts "
+                        "(data.prompt_style)")
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
@@ -79,7 +83,7 @@ def _show(samples, args) -> None:
         if tokenizer is not None:
             from .prompts import render_chat
 
-            text = render_chat(tokenizer, s.messages, args.template)
+            text = render_chat(tokenizer, s.messages, args.template or s.meta.get("template"))
             n = len(tokenizer(text.replace("<image>", ""), add_special_tokens=False)["input_ids"])
             print(f"[rendered with {args.model}: {n} text tokens + the image tokens]\n{text}")
 
@@ -98,7 +102,7 @@ def _inspect_scienceqa(args) -> int:
         print(f"  {key}: {value}")
     samples = load_scienceqa(args.root, args.split, prompt_format=args.format, use_caption=args.caption,
                              skip_bad=args.skip_bad, limit=args.limit if not args.skip_bad else None,
-                             allow_outside_root=args.allow_outside_root)
+                             allow_outside_root=args.allow_outside_root, prompt_style=args.prompt_style)
     if args.skip_bad:
         print(samples.report.summary())
     print(f"format {args.format}; the first {min(args.limit, len(samples))} samples:")
@@ -110,7 +114,7 @@ def _inspect_llava(args) -> int:
     from .llava import load_llava
 
     samples = load_llava(args.json, args.image_folder, skip_bad=args.skip_bad,
-                         allow_outside_root=args.allow_outside_root)
+                         allow_outside_root=args.allow_outside_root, prompt_style=args.prompt_style)
     print(samples.report.summary())
     _show(samples, args)
     return 0

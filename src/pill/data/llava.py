@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 from ..errors import DataError
 from ..modalities import modalities
+from .prompts import style_template
 from . import (BadSample, LoadReport, Sample, SampleList, check_image, check_input_file, check_placeholders,
                inside_root, read_json)
 
@@ -46,9 +47,12 @@ def _read_records(path: Path) -> list:
 
 
 def record_to_sample(record: Any, index: int, image_folder: Union[str, os.PathLike], source: str,
-                     system_prompt: Optional[str] = None, allow_outside_root: bool = False) -> Sample:
+                     system_prompt: Optional[str] = None, allow_outside_root: bool = False,
+                     prompt_style: str = "pill") -> Sample:
     """One LLaVA record -> Sample; raises BadSample (missing_field, bad_field, no_answer, placeholder_mismatch,
-    outside_root: an input path that resolves outside ``image_folder``, unless ``allow_outside_root``)."""
+    outside_root: an input path that resolves outside ``image_folder``, unless ``allow_outside_root``).
+    ``prompt_style="reference"``: the sample renders with the reference code's template
+    (``meta["template"]``, :data:`pill.data.prompts.REFERENCE_TEMPLATE`)."""
     if not isinstance(record, dict):
         raise BadSample(f"{source}: record {index}: expected an object, got {type(record).__name__}", "bad_field")
     sid = str(record.get("id", f"#{index}"))
@@ -85,14 +89,19 @@ def record_to_sample(record: Any, index: int, image_folder: Union[str, os.PathLi
         if names:
             inputs[m.name] = [inside_root(image_folder, n, what=m.label, where=where, root_name="the image folder",
                                           allow_outside=allow_outside_root) for n in names]
-    sample = Sample(id=sid, messages=messages, meta={"source": "llava", "index": index}).with_inputs(inputs)
+    meta = {"source": "llava", "index": index}
+    template = style_template(prompt_style)
+    if template is not None:
+        meta["template"] = template
+    sample = Sample(id=sid, messages=messages, meta=meta).with_inputs(inputs)
     check_placeholders(sample, source)
     return sample
 
 
 def load_llava(json_path: Union[str, os.PathLike], image_folder: Union[str, os.PathLike], *, skip_bad: bool = False,
                check_images: bool = False, max_pixels: Optional[int] = None, system_prompt: Optional[str] = None,
-               limit: Optional[int] = None, progress: bool = True, allow_outside_root: bool = False) -> SampleList:
+               limit: Optional[int] = None, progress: bool = True, allow_outside_root: bool = False,
+               prompt_style: str = "pill") -> SampleList:
     """Load a LLaVA JSON/JSONL file.
 
     Args:
@@ -120,7 +129,8 @@ def load_llava(json_path: Union[str, os.PathLike], image_folder: Union[str, os.P
     for index, record in enumerate(tqdm(records, desc=path.name, disable=None if progress else True, leave=False)):
         report.total += 1
         try:
-            sample = record_to_sample(record, index, image_folder, source, system_prompt, allow_outside_root)
+            sample = record_to_sample(record, index, image_folder, source, system_prompt, allow_outside_root,
+                                      prompt_style)
             for img in sample.images:
                 check_image(img, sample.id, source, decode=check_images, max_pixels=max_pixels)
             for name, refs in sample.media.items():

@@ -17,6 +17,15 @@ Where this module differs from the reference, on purpose:
 - ``AL`` puts the lecture and ``AE`` the solution after the answer, as the letters say.
   The reference code swaps these two (its ``AL`` writes the solution);
   ``reference_al_ae_swap=True`` reproduces that.
+
+``style="reference"`` (:data:`PROMPT_STYLES`) writes what the reference PILL code
+(DsaltYfish/PILL, ``data/datasets_sqa.py``) trains and evaluates on instead: the template
+:data:`REFERENCE_TEMPLATE` (``[INST]`` user ``[/INST]`` answer, no spaces, LLaMA-2's
+``<<SYS>>`` block), the system message :data:`REFERENCE_SYSTEM_PROMPT`, the user turn
+opening with ``Image:<image>.`` or ``Image:N/A.``, the AL/AE swap, and a dangling
+``BECAUSE:`` when a problem has no lecture or solution to put after it. The one difference
+left: the reference writes the text ``<image>`` in front of its 32 image slots; here
+``<image>`` is the slot marker itself, so ``Image:`` is followed directly by the slots.
 """
 from __future__ import annotations
 
@@ -26,6 +35,10 @@ from typing import Any, Mapping, Optional, Sequence
 from ..errors import ConfigError
 from . import IMAGE_TOKEN
 
+PROMPT_STYLES = ("pill", "reference")
+# data/datasets_sqa.py of the reference code; also its eval_sqa.py
+REFERENCE_SYSTEM_PROMPT = ("You are a language vision assistant. Based on the image, question, context, and options, "
+                           "please give an appropriate response, including your choice and reason.")
 INPUT_FORMATS = ("CQM", "QCM", "QCML", "QCME", "QCMLE", "QCLM", "QCEM", "QCLEM")
 OUTPUT_FORMATS = ("A", "AL", "AE", "ALE", "AEL", "LA", "EA", "LEA", "ELA")
 OPTION_LETTERS = "ABCDE"  # ScienceQA has 2 to 5 options
@@ -62,7 +75,10 @@ class PromptOptions:
         input_format, output_format: e.g. ``QCM`` and ``ALE``; :meth:`from_format` takes ``"QCM-ALE"``.
         use_caption: add the problem's caption (``captions.json``) to the context.
         system_prompt: a system message before the prompt (None: none, the template's default).
-        escape_newlines, reference_al_ae_swap: the reference code's text quirks (module docstring).
+        escape_newlines, reference_al_ae_swap, keep_empty_because: the reference code's text
+            quirks (module docstring).
+        style: ``pill`` or ``reference`` (module docstring); :meth:`for_style` sets the fields
+            that come with it.
     """
 
     input_format: str = "QCM"
@@ -71,10 +87,24 @@ class PromptOptions:
     system_prompt: Optional[str] = None
     escape_newlines: bool = False
     reference_al_ae_swap: bool = False
+    keep_empty_because: bool = False
+    style: str = "pill"
 
     def __post_init__(self):
         check_input_format(self.input_format)
         check_output_format(self.output_format)
+        check_style(self.style)
+
+    def for_style(self, style: str) -> "PromptOptions":
+        """These options in prompt style ``style``: ``reference`` also turns on the reference's
+        text quirks and, where no system message is set, its system message."""
+        from dataclasses import replace
+
+        check_style(style)
+        if style == "pill":
+            return replace(self, style=style)
+        system = self.system_prompt if self.system_prompt is not None else REFERENCE_SYSTEM_PROMPT
+        return replace(self, style=style, system_prompt=system, reference_al_ae_swap=True, keep_empty_because=True)
 
     @classmethod
     def from_format(cls, prompt_format: str, **fields) -> "PromptOptions":
@@ -90,7 +120,19 @@ class PromptOptions:
     @property
     def text_options(self) -> dict[str, bool]:
         """The keyword arguments :func:`build_target` and :func:`scienceqa_messages` take."""
-        return {"escape_newlines": self.escape_newlines, "reference_al_ae_swap": self.reference_al_ae_swap}
+        return {"escape_newlines": self.escape_newlines, "reference_al_ae_swap": self.reference_al_ae_swap,
+                "keep_empty_because": self.keep_empty_because}
+
+
+def check_style(style: str) -> str:
+    if style not in PROMPT_STYLES:
+        raise ConfigError(f"unknown prompt style {style!r}; valid: {', '.join(PROMPT_STYLES)}")
+    return style
+
+
+def style_template(style: str) -> Optional[str]:
+    """The chat template a prompt style renders with: None (the tokenizer's own) for ``pill``."""
+    return "reference" if check_style(style) == "reference" else None
 
 
 def context_text(hint: Optional[str], caption: Optional[str] = None) -> str:
@@ -138,12 +180,15 @@ def build_input(problem: Mapping[str, Any], input_format: str = "QCM", *, captio
 
 
 def build_target(problem: Mapping[str, Any], output_format: str = "A", *, answer: Optional[int] = None,
-                 escape_newlines: bool = False, reference_al_ae_swap: bool = False) -> str:
+                 escape_newlines: bool = False, reference_al_ae_swap: bool = False,
+                 keep_empty_because: bool = False) -> str:
     """The answer text: ``The answer is B.`` plus lecture/solution as ``output_format`` says.
 
     Args:
         answer: option index to state (default ``problem["answer"]``); the random-wrong-answer
             augmentation passes another one.
+        keep_empty_because: when the format asks for a lecture or solution after the answer and
+            the problem has none, end with ``BECAUSE:`` as the reference code does.
     """
     check_output_format(output_format)
     index = problem["answer"] if answer is None else answer
@@ -153,7 +198,7 @@ def build_target(problem: Mapping[str, Any], output_format: str = "A", *, answer
         letters = {"L": "E", "E": "L"}[letters]
     because = _explanation(problem, letters, escape_newlines)
     if not because:
-        return sentence
+        return f"{sentence} BECAUSE:" if keep_empty_because and letters and output_format.startswith("A") else sentence
     if output_format.startswith("A"):
         return _clean(f"{sentence} BECAUSE: {because}")
     return _clean(f"{because} {sentence}")
@@ -161,11 +206,17 @@ def build_target(problem: Mapping[str, Any], output_format: str = "A", *, answer
 
 def scienceqa_messages(problem: Mapping[str, Any], input_format: str = "QCM", output_format: str = "A", *,
                        has_image: bool = False, caption: Optional[str] = None, answer: Optional[int] = None,
-                       system_prompt: Optional[str] = None, **text_options) -> list[dict]:
-    """Chat messages for one ScienceQA problem: [system], user (prompt), assistant (target)."""
+                       system_prompt: Optional[str] = None, style: str = "pill", **text_options) -> list[dict]:
+    """Chat messages for one ScienceQA problem: [system], user (prompt), assistant (target).
+
+    ``style``: ``pill`` puts the image placeholder on a line of its own before the question;
+    ``reference`` opens the user turn with ``Image:<image>.`` or ``Image:N/A.`` as the reference
+    code does (the other reference settings come with :meth:`PromptOptions.for_style`)."""
     user = build_input(problem, input_format, caption=caption,
                        escape_newlines=text_options.get("escape_newlines", False))
-    if has_image:
+    if check_style(style) == "reference":
+        user = f"Image:{IMAGE_TOKEN if has_image else 'N/A'}.\n{user}"
+    elif has_image:
         user = f"{IMAGE_TOKEN}\n{user}"
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": user})
@@ -210,7 +261,27 @@ PLAIN_TEMPLATE = (  # "ROLE: text" lines, with eos closing each answer
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 
-CHAT_TEMPLATES = {"llama-2": LLAMA2_TEMPLATE, "chatml": CHATML_TEMPLATE, "plain": PLAIN_TEMPLATE}
+REFERENCE_TEMPLATE = (
+    # The reference PILL code's text (data/datasets_sqa.py, datasets_pretrain.py, datasets_llava_IT.py):
+    # <s>[INST]<<SYS>>\n{system}\n<</SYS>>\n\n{user}[/INST]{answer}</s><s>[INST]{user}[/INST]{answer}</s>
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- if loop.first and system -%}"
+    "{{- bos_token + '[INST]<<SYS>>\n' + system + '\n<</SYS>>\n\n' + m['content'] + '[/INST]' -}}"
+    "{%- else -%}"
+    "{{- bos_token + '[INST]' + m['content'] + '[/INST]' -}}"
+    "{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{{- m['content'] + eos_token -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+CHAT_TEMPLATES = {"llama-2": LLAMA2_TEMPLATE, "chatml": CHATML_TEMPLATE, "plain": PLAIN_TEMPLATE,
+                  "reference": REFERENCE_TEMPLATE}
 DEFAULT_FALLBACK_TEMPLATE = "llama-2"
 
 

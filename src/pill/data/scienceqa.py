@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 from ..errors import DataError
 from . import BadSample, LoadReport, Sample, SampleList, check_image, check_placeholders, inside_root, read_json
-from .prompts import OPTION_LETTERS, PromptOptions, build_target, parse_format, scienceqa_messages
+from .prompts import OPTION_LETTERS, PromptOptions, build_target, parse_format, scienceqa_messages, style_template
 
 PathLike = Union[str, os.PathLike]
 
@@ -263,6 +263,7 @@ def load_scienceqa(
     prompt_format: Optional[str] = None,
     use_caption: Optional[bool] = None,
     system_prompt: Optional[str] = None,
+    prompt_style: Optional[str] = None,
     captions: Optional[PathLike] = None,
     skip_bad: bool = False,
     check_images: bool = True,
@@ -278,7 +279,8 @@ def load_scienceqa(
         split: any split of ``pid_splits.json`` (``train``, ``val``, ``test``, ``minitest``...).
         options: how prompts and targets are written (:class:`~pill.data.prompts.PromptOptions`;
             default QCM-A). ``prompt_format="QCM-ALE"``, ``use_caption`` and ``system_prompt``
-            override its fields.
+            override its fields. ``prompt_style`` (``pill`` / ``reference``) switches the
+            options to that style (:meth:`~pill.data.prompts.PromptOptions.for_style`).
         captions: the captions file for ``use_caption`` (default ``captions.json`` under root).
         skip_bad: skip malformed problems (counted per reason in ``.report``) instead of raising.
         check_images: decode every image now (catches corrupt, truncated and oversized
@@ -293,6 +295,8 @@ def load_scienceqa(
     Raises DataError naming the file and problem id (unless ``skip_bad``).
     """
     opts = _prompt_options(options, prompt_format, use_caption, system_prompt)
+    if prompt_style is not None:
+        opts = opts.for_style(prompt_style)
     source = _Source.open(root, allow_outside_root)
     qids = load_split(source.root, split, problems=source.problems)[:limit]
     caption_map = _caption_map(source.root, captions) if opts.use_caption else {}
@@ -384,7 +388,8 @@ def _problem_sample(source: _Source, qid: str, split: str, opts: PromptOptions, 
         check_image(images[0], qid, source.name, decode=check_images, max_pixels=max_pixels, kind="problem")
     caption = caption_map.get(qid, "") if opts.use_caption else None
     messages = scienceqa_messages(problem, opts.input_format, opts.output_format, has_image=bool(images),
-                                  caption=caption, system_prompt=opts.system_prompt, **opts.text_options)
+                                  caption=caption, system_prompt=opts.system_prompt, style=opts.style,
+                                  **opts.text_options)
     sample = Sample(id=qid, messages=messages, images=images, meta={
         "source": "scienceqa",
         "qid": qid,
@@ -401,6 +406,7 @@ def _problem_sample(source: _Source, qid: str, split: str, opts: PromptOptions, 
         "format": opts.format,
         "text_options": opts.text_options,
         "problem": problem,
+        **({"template": style_template(opts.style)} if opts.style != "pill" else {}),
     })
     check_placeholders(sample, source.name, kind="problem")
     return sample

@@ -78,8 +78,18 @@ class ImageEncoder(Encoder):
             arrays.append((arr - mean) / std)
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
 
+    normalisation_set: bool = False  # mean/std chosen by the config, not the checkpoint's
+
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> "ImageEncoder":
+        """Normalise pixels with ``mean`` / ``std`` (per channel) instead of the checkpoint's own.
+        The choice enters the fingerprint, so cached features and checkpoints tell the two apart."""
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.normalisation_set = True
+        return self
+
     def fingerprint_fields(self) -> tuple:
-        return (self.name, self.num_tokens, self.dim, self.image_size)
+        fields = (self.name, self.num_tokens, self.dim, self.image_size)
+        return fields + (tuple(self.mean), tuple(self.std)) if self.normalisation_set else fields
 
 
 VisualPromptGenerator = ImageEncoder  # the paper's name for an image encoder

@@ -1,7 +1,8 @@
 """BLIP-2 visual prompt generator: EVA-CLIP ViT + Q-Former + learned queries -> K = 32 tokens of width 768.
 
 Only the vision tower, the Q-Former and the query tokens are loaded from a BLIP-2
-checkpoint (a local folder or a hub id); its language model is never built.
+checkpoint (a local folder or a hub id, of which only the shards holding them are downloaded);
+its language model is never built.
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ BLIP2_PRESET = {
                        "intermediate_size": 3072, "encoder_hidden_size": 1408, "cross_attention_frequency": 2},
     "num_query_tokens": 32,
 }
+
+
+# What pill reads of a BLIP-2 checkpoint; from a hub id only the shards holding these are downloaded
+# (blip2-flan-t5-xxl's language model is most of its size).
+WEIGHT_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 
 
 class Blip2VPG(ImageEncoder):
@@ -60,11 +66,12 @@ class Blip2VPG(ImageEncoder):
         ``pretrained=False``: the checkpoint's shapes with random weights (tests)."""
         from transformers import Blip2Config
 
-        folder = resolve_checkpoint(name_or_path)
+        folder = resolve_checkpoint(name_or_path, patterns=("*.json", "*.safetensors") if pretrained else ("*.json",),
+                                    prefixes=WEIGHT_PREFIXES if pretrained else None)
         cfg = Blip2Config.from_pretrained(folder)
         vpg = cls(cfg)
         if pretrained:
-            state = load_safetensors_prefixed(folder, ("vision_model.", "qformer.", "query_tokens"))
+            state = load_safetensors_prefixed(folder, WEIGHT_PREFIXES)
             missing, unexpected = vpg.load_state_dict(state, strict=False)
             missing = [m for m in missing if not m.endswith("position_ids")]
             if missing:

@@ -1,4 +1,4 @@
-"""Sub-commands ``pill score scienceqa``, ``pill plot training`` and ``pill plot gates``.
+"""Sub-commands ``pill score scienceqa``, ``pill score mme``, ``pill plot training`` and ``pill plot gates``.
 
 Each handler maps its flags onto one library function; heavy imports (matplotlib)
 happen inside the handlers so that ``pill --help`` stays fast.
@@ -30,6 +30,16 @@ def _score_scienceqa(args: argparse.Namespace) -> int:
         print(json.dumps(scores, indent=2))
     else:
         print(format_table(scores))
+    return 0
+
+
+def _score_mme(args: argparse.Namespace) -> int:
+    from pill.eval.mme_score import format_scores, score_results
+
+    scores = score_results(args.results)
+    if scores["missing"]:
+        print(f"note: no results for {', '.join(scores['missing'])}; the totals leave them out", file=sys.stderr)
+    print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
     return 0
 
 
@@ -70,6 +80,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="replace unparsed answers by a random option (fixed seed), as the reference scripts do")
     sqa.add_argument("--seed", type=int, default=0, help="seed of the --official-fallback draws (default: 0)")
     sqa.set_defaults(func=_score_scienceqa)
+    mme = score_sub.add_parser(
+        "mme", help="MME scores (per subtask acc, acc+, their sum; perception and cognition totals) of a results folder")
+    mme.add_argument("--results", required=True, metavar="DIR",
+                     help="one tab-separated <subtask>.txt per subtask: image, question, ground truth, answer")
+    mme.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    mme.set_defaults(func=_score_mme)
 
     plot = subparsers.add_parser("plot", help="figures from a run directory")
     plot_sub = plot.add_subparsers(dest="figure", metavar="FIGURE", required=True)

@@ -22,6 +22,18 @@ Two modes:
   was trained to write the explanation first, so this mode scores a continuation it
   was never trained on; a warning says so.
 
+Two protocols (``protocol=``), both of which count the answers that could not be read:
+
+- ``pill`` (default): the mode above, prompts in the run's prompt style; an unreadable answer
+  (:func:`pill.eval.extract.extract_answer` finds no option) counts as wrong.
+- ``reference``: what the reference PILL code's ``eval_sqa.py`` does. Prompts in the reference
+  style (:func:`pill.data.prompts.scienceqa_messages`: its system message, ``Image:``/``Image:N/A.``,
+  ``[INST] ... [/INST]``); sampling at temperature 0.1 with top-p 0.75 (seeded); up to 512 new
+  tokens, the prompt and the answer together at most 512 tokens (``Generator.generate`` caps the
+  sequence at ``max_seq_len``); the answer read with the regex ``The answer is ([A-Z]).`` (first
+  hit in the decoded prompt + answer, as it decodes both); and, where that finds no option of the
+  problem, a random option (``random.Random(seed)``, in split order) instead of a wrong answer.
+
 Files written to ``out_dir``:
 
 - ``predictions.json``: the official result format ``{"results": {qid: option_index}}``
@@ -35,6 +47,7 @@ Files written to ``out_dir``:
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -46,7 +59,21 @@ from ..data.prompts import OPTION_LETTERS
 from ..errors import ConfigError, PillError
 
 MODES = ("generate", "likelihood")
+PROTOCOLS = ("pill", "reference")
 PROMPT_TAIL_CHARS = 300
+# eval_sqa.py of the reference code: generation_temperature, top_p, max_gen_len, max_seq_len, the regex
+REFERENCE_SAMPLING = {"temperature": 0.1, "top_p": 0.75, "max_new_tokens": 512, "max_length": 512}
+REFERENCE_ANSWER = re.compile(r"The answer is ([A-Z]).")
+
+
+def reference_answer(text: str, num_choices: int) -> Optional[int]:
+    """The option index the reference's regex reads from ``text`` (its first hit), or None when it
+    finds none or a letter past the last option (where the reference draws a random option)."""
+    hits = REFERENCE_ANSWER.findall(text)
+    if not hits:
+        return None
+    index = OPTION_LETTERS.find(hits[0])
+    return index if 0 <= index < num_choices else None
 
 
 def default_max_new_tokens(prompt_format: str) -> int:
@@ -129,11 +156,14 @@ def option_logprobs(vlm, samples: Sequence, *, batch_size: int = 8, template: Op
 @torch.no_grad()
 def generate_answers(vlm, samples: Sequence, *, batch_size: int = 8, max_new_tokens: int = 8,
                      template: Optional[str] = None, progress: bool = False,
-                     desc: str = "generating") -> list[str]:
-    """Greedy answers (text, special tokens removed, cut at end of turn) to the samples' prompts.
+                     desc: str = "generating", temperature: float = 0.0, top_p: float = 1.0,
+                     seed: Optional[int] = None, max_length: Optional[int] = None) -> list[str]:
+    """Answers (text, special tokens removed, cut at end of turn) to the samples' prompts.
 
     Batches of ``batch_size`` prompts of similar length are left-padded and decoded together
-    with the KV cache (:meth:`pill.vlm.PillVLM.generate`). Returns one string per sample, in order.
+    with the KV cache (:meth:`pill.vlm.PillVLM.generate`): greedy with ``temperature`` 0, else
+    sampled with ``top_p`` from a generator seeded with ``seed``. ``max_length``: prompt and answer
+    together at most this many tokens. Returns one string per sample, in order.
     """
     from ..data.collate import Collator, prompt_items
 
@@ -141,13 +171,21 @@ def generate_answers(vlm, samples: Sequence, *, batch_size: int = 8, max_new_tok
     items = prompt_items(samples, processor, template=template)
     collate = Collator(processor, padding_side="left")
     eos = vlm.eos_token_ids()
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=vlm.device)
+        generator.manual_seed(0 if seed is None else seed)
     out: list[Optional[str]] = [None] * len(samples)
     with _progress(len(samples), desc, progress) as bar:
         for batch_idx in _length_batches(items, batch_size):
             batch = collate([items[i] for i in batch_idx])
-            tokens = vlm.generate(**_model_inputs(batch, vlm.device), max_new_tokens=max_new_tokens)  # (B, N)
+            room = [max_new_tokens if max_length is None else
+                    min(max_new_tokens, max_length - len(items[i]["encoded"])) for i in batch_idx]
+            tokens = vlm.generate(**_model_inputs(batch, vlm.device), max_new_tokens=max(1, max(room)),
+                                  do_sample=temperature > 0, temperature=temperature, top_p=top_p,
+                                  generator=generator)  # (B, N)
             for row, i in enumerate(batch_idx):
-                ids = tokens[row].tolist()
+                ids = tokens[row].tolist()[:max(0, room[row])]
                 cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
                 out[i] = processor.tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
             bar.update(len(batch_idx))
@@ -160,7 +198,8 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
                        limit: Optional[int] = None, batch_size: int = 8, max_new_tokens: Optional[int] = None,
                        mode: str = "generate", out_dir=None, use_caption: bool = False,
                        template: Optional[str] = None, system_prompt: Optional[str] = None,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, protocol: str = "pill", prompt_style: Optional[str] = None,
+                       seed: int = 0) -> dict[str, Any]:
     """Answer the problems of one ScienceQA split, score them, and write the result files.
 
     Args:
@@ -179,7 +218,12 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
         template: chat template name or string (default: the tokenizer's own, as in training).
         system_prompt: system message, as in training; default ``vlm.system_prompt``, which
             :func:`~pill.build.load_run` sets to the run's ``data.system_prompt`` (None there:
-            the chat template's default).
+            the chat template's default, or the reference's message in the reference style).
+        protocol: ``pill`` or ``reference`` (module docstring). ``reference`` fixes the prompt
+            style, the sampling settings and the answer parsing, and needs mode ``generate``.
+        prompt_style: ``pill`` or ``reference`` (:mod:`pill.data.prompts`); default the run's
+            (``vlm.prompt_style``), ``reference`` under the reference protocol.
+        seed: seeds the sampling and the random fallback of the reference protocol.
 
     Returns the scores (``NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg`` percentages, ``topics``,
     ``count``, ``unparsed``) plus ``split``, ``prompt_format``, ``mode``, ``seconds``,
@@ -189,30 +233,45 @@ def evaluate_scienceqa(vlm, data_root, split: str = "test", *, prompt_format: st
     from ..data.scienceqa import load_scienceqa
     from .scienceqa_score import score
 
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol: must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    reference = protocol == "reference"
+    if reference and mode != "generate":
+        raise ConfigError("protocol reference: the reference generates its answers; use mode 'generate'")
+    if reference and max_new_tokens is None:
+        max_new_tokens = REFERENCE_SAMPLING["max_new_tokens"]
     max_new_tokens = _check_eval_args(vlm, prompt_format, mode, batch_size, limit, max_new_tokens)
     if system_prompt is None:
         system_prompt = getattr(vlm, "system_prompt", None)
+    style = "reference" if reference else (prompt_style or getattr(vlm, "prompt_style", None) or "pill")
     start = time.perf_counter()
     samples = load_scienceqa(data_root, split, prompt_format=prompt_format, use_caption=use_caption,
-                             limit=limit, progress=progress, system_prompt=system_prompt)
+                             limit=limit, progress=progress, system_prompt=system_prompt, prompt_style=style)
     if not samples:
         raise PillError(f"{data_root}: split {split!r} has no problems to evaluate")
+    sampling = {k: REFERENCE_SAMPLING[k] for k in ("temperature", "top_p", "max_length")} if reference else {}
     texts, logprobs, preds = _answer(vlm, samples, mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                     template=template, progress=progress, desc=f"ScienceQA {split} ({mode})")
+                                     template=template, progress=progress, desc=f"ScienceQA {split} ({mode})",
+                                     sampling={**sampling, "seed": seed} if reference else None)
+    if reference:
+        preds = [reference_answer(_prompt_text(s, vlm.processor, template) + t, len(s.meta["choices"]))
+                 for s, t in zip(samples, texts)]
     predictions = {s.id: p for s, p in zip(samples, preds)}
-    scores = score(predictions, {s.id: s.meta["problem"] for s in samples}, [s.id for s in samples])
+    scores = score(predictions, {s.id: s.meta["problem"] for s in samples}, [s.id for s in samples],
+                   official_fallback=reference, seed=seed)
     seconds = time.perf_counter() - start
-    info = {"split": split, "prompt_format": prompt_format, "mode": mode, "limit": limit,
-            "batch_size": batch_size, "max_new_tokens": max_new_tokens if mode == "generate" else None,
-            "use_caption": use_caption, "seconds": round(seconds, 3),
+    info = {"split": split, "prompt_format": prompt_format, "mode": mode, "protocol": protocol,
+            "prompt_style": style, "limit": limit, "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens if mode == "generate" else None, **sampling,
+            "seed": seed if reference else None, "use_caption": use_caption, "seconds": round(seconds, 3),
             "run": getattr(vlm, "run_info", {}).get("run_dir")}
     files: dict[str, str] = {}
     if out_dir is not None:
         records = [_generation_record(s, text, lp, p, vlm.processor, template)
                    for s, text, lp, p in zip(samples, texts, logprobs, preds)]
         files = _write_results(Path(out_dir), predictions, records, {**scores, "eval": info})
-    return {**scores, "split": split, "prompt_format": prompt_format, "mode": mode,
-            "seconds": seconds, "files": files, "predictions": predictions}
+    return {**scores, "split": split, "prompt_format": prompt_format, "mode": mode, "protocol": protocol,
+            "prompt_style": style, "seconds": seconds, "files": files, "predictions": predictions}
 
 
 def _check_eval_args(vlm, prompt_format: str, mode: str, batch_size: int, limit: Optional[int],
@@ -241,8 +300,10 @@ def _check_eval_args(vlm, prompt_format: str, mode: str, batch_size: int, limit:
 
 
 def _answer(vlm, samples: Sequence, mode: str, *, batch_size: int, max_new_tokens: int,
-            template: Optional[str], progress: bool, desc: str) -> tuple[list, list, list]:
-    """``(texts, option_logprobs, predictions)``, one per sample; None where a mode has no such value."""
+            template: Optional[str], progress: bool, desc: str,
+            sampling: Optional[dict] = None) -> tuple[list, list, list]:
+    """``(texts, option_logprobs, predictions)``, one per sample; None where a mode has no such value.
+    ``sampling``: :func:`generate_answers` settings (temperature, top_p, seed, max_length)."""
     from .extract import extract_answer
 
     was_training = vlm.training
@@ -250,7 +311,7 @@ def _answer(vlm, samples: Sequence, mode: str, *, batch_size: int, max_new_token
     try:
         if mode == "generate":
             texts = generate_answers(vlm, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                     template=template, progress=progress, desc=desc)
+                                     template=template, progress=progress, desc=desc, **(sampling or {}))
             preds = [extract_answer(t, len(s.meta["choices"]), s.meta["choices"]) for t, s in zip(texts, samples)]
             return texts, [None] * len(samples), preds
         logprobs = option_logprobs(vlm, samples, batch_size=batch_size, template=template, progress=progress,
@@ -282,6 +343,7 @@ def _write_results(out: Path, predictions: dict[str, Optional[int]], records: li
     info = scores["eval"]
     write_atomic(files["predictions"], _json_text({
         "split": info["split"], "prompt_format": info["prompt_format"], "mode": info["mode"],
+        "protocol": info["protocol"], "seed": info["seed"],
         "count": len(records), "results": {qid: (-1 if p is None else p) for qid, p in predictions.items()}}))
     write_atomic(files["generations"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_atomic(files["scores"], _json_text(scores))
@@ -317,12 +379,13 @@ def _prompt_text(sample, processor, template: Optional[str]) -> str:
 
     messages = sample.messages[:-1] if sample.messages and sample.messages[-1]["role"] == "assistant" \
         else sample.messages
-    return render_chat(processor.tokenizer, messages, template, add_generation_prompt=True)
+    own = template if template is not None else sample.meta.get("template")
+    return render_chat(processor.tokenizer, messages, own, add_generation_prompt=True)
 
 
 def _json_text(obj) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
-__all__ = ["MODES", "evaluate_scienceqa", "generate_answers", "option_logprobs", "answer_prefix",
-           "default_max_new_tokens"]
+__all__ = ["MODES", "PROTOCOLS", "evaluate_scienceqa", "generate_answers", "option_logprobs", "answer_prefix",
+           "default_max_new_tokens", "reference_answer", "REFERENCE_SAMPLING"]

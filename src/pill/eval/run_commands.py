@@ -1,4 +1,4 @@
-"""Talking to a model and measuring it: ``pill chat`` and ``pill eval scienceqa``.
+"""Talking to a model and measuring it: ``pill chat``, ``pill eval scienceqa`` and ``pill eval mme``.
 
 The conversation itself is :class:`pill.chat.ChatSession` (the one chat path of the library, the
 CLI and the web demo); :func:`interactive_chat` is the terminal's read-answer loop around it.
@@ -158,13 +158,19 @@ def _eval_scienceqa(args: argparse.Namespace) -> int:
         parse_format(prompt_format)  # before the model is loaded
     except PillError as e:
         raise ConfigError(f"--format {prompt_format}: {e}") from None
+    if args.protocol == "reference" and args.mode != "generate":
+        raise ConfigError("--protocol reference: the reference generates its answers; drop --mode likelihood")
+    if args.protocol == "reference" and cfg.data.prompt_style != "reference":
+        print(f"note: {run} was trained with data.prompt_style {cfg.data.prompt_style}; --protocol reference "
+              "asks with the reference's prompts", file=sys.stderr)
     vlm = load_model(str(run), _device(args.device))
-    out = Path(args.out) if args.out else run / f"eval-{args.split}"
+    suffix = "" if args.protocol == "pill" else f"-{args.protocol}"
+    out = Path(args.out) if args.out else run / f"eval-{args.split}{suffix}"
     result = evaluate_scienceqa(vlm, data, args.split, prompt_format=prompt_format, limit=args.limit,
                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mode=args.mode,
-                                out_dir=out, use_caption=use_caption)
-    print(f"ScienceQA {args.split}, format {prompt_format}, mode {args.mode}: {result['count']} problems "
-          f"in {result['seconds']:.1f} s\n")
+                                out_dir=out, use_caption=use_caption, protocol=args.protocol, seed=args.seed)
+    print(f"ScienceQA {args.split}, format {prompt_format}, mode {args.mode}, protocol {args.protocol}: "
+          f"{result['count']} problems in {result['seconds']:.1f} s\n")
     print(format_table(result))
     print()
     for name, path in result["files"].items():
@@ -172,8 +178,30 @@ def _eval_scienceqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_mme(args: argparse.Namespace) -> int:
+    from ..build import load_model
+    from ..errors import CheckpointError
+    from .mme import evaluate_mme, load_mme
+    from .mme_score import format_scores
+
+    run = Path(args.run)
+    if _run_config(run) is None:
+        raise CheckpointError(f"{run}: not a pill run directory (no config.yaml)")
+    load_mme(args.data, args.subtask)  # a malformed benchmark folder fails before the model loads
+    vlm = load_model(str(run), _device(args.device))
+    suffix = "" if args.protocol == "pill" else f"-{args.protocol}"
+    out = Path(args.out) if args.out else run / f"eval-mme{suffix}"
+    result = evaluate_mme(vlm, args.data, out, subtasks=args.subtask, protocol=args.protocol,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                          limit=args.limit)
+    print(f"MME, protocol {args.protocol}: {sum(s['questions'] for s in result['subtasks'].values())} questions "
+          f"in {result['seconds']:.1f} s, results in {out}\n")
+    print(format_scores(result))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``eval scienceqa`` and ``chat`` to the ``pill`` parser."""
+    """Add ``eval scienceqa``, ``eval mme`` and ``chat`` to the ``pill`` parser."""
     ev = subparsers.add_parser("eval", help="run a model on a benchmark and score it")
     ev_sub = ev.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     sqa = ev_sub.add_parser("scienceqa", help="answer a ScienceQA split, write predictions and generations, score",
@@ -190,13 +218,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sqa.add_argument("--mode", choices=["generate", "likelihood"], default="generate",
                      help="generate: greedy decoding + answer extraction (as the papers); likelihood: rank the "
                           "option letters by log P(letter | prompt, 'The answer is'), one forward pass per batch")
-    sqa.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval-SPLIT)")
+    sqa.add_argument("--protocol", choices=["pill", "reference"], default="pill",
+                     help="pill: the run's prompts, --mode decoding, an unreadable answer counts as wrong; "
+                          "reference: as the reference code's eval_sqa.py (its prompts, sampling at T 0.1 / "
+                          "top-p 0.75, up to 512 tokens, the regex 'The answer is ([A-Z]).', a seeded random "
+                          "option where it finds none). Both report the unparsed answers")
+    sqa.add_argument("--seed", type=int, default=0,
+                     help="--protocol reference: seed of the sampling and of the random fallback (default: 0)")
+    sqa.add_argument("--out", metavar="DIR",
+                     help="output folder (default: RUN/eval-SPLIT, RUN/eval-SPLIT-reference with --protocol reference)")
     sqa.add_argument("--max-new-tokens", type=int, metavar="N",
-                     help="generation length (default: 8 for output format A, 256 with lecture/explanation)")
+                     help="generation length (default: 8 for output format A, 256 with lecture/explanation; "
+                          "512 with --protocol reference)")
     sqa.add_argument("--use-caption", action=argparse.BooleanOptionalAction, default=None,
                      help="add captions.json captions to the context (default: as the run was trained)")
     sqa.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     sqa.set_defaults(func=_eval_scienceqa)
+
+    mme = ev_sub.add_parser("mme", help="answer MME's yes/no questions, write the official results files, score",
+                            description="Answer the questions of MME (the MME_Benchmark_release_version folder) "
+                                        "with a trained run, write one official results file per subtask "
+                                        "(image, question, ground truth, answer; tab-separated) to "
+                                        "RUN/eval-mme and print the official scores.")
+    mme.add_argument("--run", required=True, metavar="DIR", help="a finished training run")
+    mme.add_argument("--data", required=True, metavar="MME_ROOT",
+                     help="the benchmark folder holding one folder per subtask")
+    mme.add_argument("--subtask", action="append", metavar="NAME",
+                     help="only this subtask (repeatable; default: every official subtask found)")
+    mme.add_argument("--protocol", choices=["pill", "reference"], default="pill",
+                     help="pill: the run's chat template, greedy; reference: as the reference code's eval_mme.py "
+                          "([INST] image question [/INST], sampling at T 0.1 / top-p 0.75, 512 tokens)")
+    mme.add_argument("--seed", type=int, default=0, help="--protocol reference: sampling seed (default: 0)")
+    mme.add_argument("--limit", type=int, metavar="N", help="only the first N images of each subtask")
+    mme.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (default: 8)")
+    mme.add_argument("--max-new-tokens", type=int, metavar="N",
+                     help="answer length (default: 16; 512 with --protocol reference)")
+    mme.add_argument("--out", metavar="DIR", help="results folder (default: RUN/eval-mme)")
+    mme.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    mme.set_defaults(func=_eval_mme)
 
     chat = subparsers.add_parser("chat", help="ask a model about images; interactive without a prompt",
                                  description="Stream a model's answer to PROMPT about the --image files. "

@@ -136,17 +136,18 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     steps_per_epoch = len(sampler)
     total = cfg.optim.max_steps or steps_per_epoch * cfg.optim.epochs
     o = cfg.optim
+    lr = o.effective_lr  # optim.lr, or optim.base_lr scaled by the global batch
     groups = {"decay": {"params": [], "weight_decay": o.weight_decay},
               "no_decay": {"params": [], "weight_decay": 0.0},
-              "projector": {"params": [], "weight_decay": o.weight_decay, "lr": o.lr * o.projector_lr_scale},
-              "gate": {"params": [], "weight_decay": 0.0, "lr": o.lr * o.gate_lr_scale}}
+              "projector": {"params": [], "weight_decay": o.weight_decay, "lr": lr * o.projector_lr_scale},
+              "gate": {"params": [], "weight_decay": o.gate_weight_decay, "lr": lr * o.gate_lr_scale}}
     gates = {id(p) for _, p in parameter_groups(vlm).get("gate", [])}
     for n, p in vlm.named_parameters():
         if p.requires_grad:
             kind = ("gate" if id(p) in gates else "projector" if n.startswith("pill_projector.")
                     else "decay" if p.ndim >= 2 else "no_decay")
             groups[kind]["params"].append(p)
-    optimizer = torch.optim.AdamW([g for g in groups.values() if g["params"]], lr=o.lr, betas=tuple(o.betas))
+    optimizer = torch.optim.AdamW([g for g in groups.values() if g["params"]], lr=lr, betas=tuple(o.betas))
     scheduler = _cosine(optimizer, int(o.warmup_ratio * total), total, o.min_lr_ratio)
     model, optimizer = accelerator.prepare(vlm, optimizer)
     return Setup(cfg, run_dir, accelerator, vlm, model, dataset, sampler, collator, optimizer, scheduler,
