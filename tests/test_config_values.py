@@ -33,12 +33,12 @@ STRING = {t: t for t in TRAPS} | {'"quoted"': "quoted"}  # data.split: a plain s
 OPTIONAL_STRING = {**STRING, "~": None, "null": None}  # data.system_prompt: Optional[str]
 INTEGER = {t: ConfigError for t in TRAPS} | {"0x10": 16, "010": 10}  # optim.epochs
 FLOAT = {t: ConfigError for t in TRAPS} | {"0x10": 16.0, "010": 10.0, "1e-3": 1e-3, "2.0e-3": 2e-3}  # optim.weight_decay
-OPTIONAL_FLOAT = {**FLOAT, "~": None, "null": None}  # optim.grad_clip, optim.lr (unset: base_lr or the default)
+OPTIONAL_FLOAT = {**FLOAT, "~": None, "null": None}  # optim.grad_clip
 BOOL = {t: ConfigError for t in TRAPS} | {"no": False, "yes": True, "on": True, "off": False, "y": True,
                                           "n": False}  # train.tensorboard
 PRECISION = {t: ConfigError for t in TRAPS} | {"no": "no"}  # train.mixed_precision: Literal
 CASES = [("data", "split", STRING), ("data", "system_prompt", OPTIONAL_STRING), ("optim", "epochs", INTEGER),
-         ("optim", "weight_decay", FLOAT), ("optim", "lr", OPTIONAL_FLOAT), ("optim", "grad_clip", OPTIONAL_FLOAT), ("train", "tensorboard", BOOL),
+         ("optim", "weight_decay", FLOAT), ("optim", "grad_clip", OPTIONAL_FLOAT), ("train", "tensorboard", BOOL),
          ("train", "mixed_precision", PRECISION)]
 PARAMS = [(s, k, t, expect[t]) for s, k, expect in CASES for t in TRAPS]
 

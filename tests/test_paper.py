@@ -62,7 +62,7 @@ def test_base_lr_scales_with_the_global_batch():
     ({"lr": 1e-3, "base_lr": 2e-3, "lr_scaling": "linear_256"}, ("lr", "base_lr")),
     ({"base_lr": 2e-3}, ("lr_scaling",)),
     ({"lr": 1e-3, "lr_scaling": "linear_256"}, ("lr_scaling",)),
-    ({"grad_clip": 0.0}, ("grad_clip",)),
+    ({"grad_clip": -1.0}, ("grad_clip",)),
     ({"betas": [0.9, 1.5]}, ("betas",)),
 ])
 def test_bad_learning_rate_settings_name_the_fields(fields, words):
