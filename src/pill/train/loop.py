@@ -106,6 +106,8 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
         vlm.enable_gradient_checkpointing()
     else:
         vlm.enable_plugin_recompute(cfg.train.recompute_plugins)
+    if cfg.train.compile:
+        vlm.compile_layers()
 
     samples = load_dataset_samples(cfg, progress=progress and accelerator.is_main_process)
     dataset = PillDataset(samples, vlm.processor, cfg.data.max_length, on_overflow=cfg.data.too_long,
