@@ -7,6 +7,7 @@ from pill.errors import ConfigError
 from pill.runconfig import TrainConfig
 
 from test_host_syncs import _batch, _vlm
+from test_train import feature_dir, synth_root, tiny_config  # noqa: F401 (fixtures)
 
 
 def _loss_and_grads(vlm, batch):
@@ -59,3 +60,13 @@ def test_train_compile_is_a_validated_field():
     assert TrainConfig.from_dict({"data": {"root": "."}, "train": {"compile": True}}).train.compile is True
     with pytest.raises(ConfigError, match="compile"):
         TrainConfig.from_dict({"data": {"root": "."}, "train": {"compile": "often"}})
+
+
+def test_setup_compiles_the_layers_when_train_compile_is_on(tmp_path, synth_root, feature_dir):
+    from pill.train.loop import setup
+
+    cfg = TrainConfig.from_dict(tiny_config(synth_root, feature_dir, **{"train.compile": True}))
+    s = setup(cfg, tmp_path / "run", progress=False)
+    assert all(layer._compiled_call_impl is not None for layer in s.vlm.decoder.layers)
+    off = setup(TrainConfig.from_dict(tiny_config(synth_root, feature_dir)), tmp_path / "run2", progress=False)
+    assert all(layer._compiled_call_impl is None for layer in off.vlm.decoder.layers)
