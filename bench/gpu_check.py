@@ -54,6 +54,7 @@ SHAPES = {
     "smoke": dict(d=64, f=128, layers=2, heads=4, kv_heads=4, vocab=1000, batch=2, length=64, K=8,
                   d_vpg=32, gen_text=8, gen_tokens=4, warmup=1, reps=2, gen_warmup=0, gen_reps=1),
 }
+BF16_TIE = 2e-2  # a top-2 logit margin this small is within bf16 rounding: either greedy token is right
 CONTENDERS = ("pill", "pill_compiled", "frozen", "lora_qv", "compute_all")
 SCIENCEQA_TRAIN = 12726  # training problems (design note, section 5)
 PAPER_EPOCHS = 20
@@ -178,6 +179,17 @@ def _fused(kernels: list[str]) -> list[str]:
     return [k for k in kernels if any(w in k for w in ("flash", "efficient", "cudnn"))]
 
 
+def top2_margin(vlm, ids: torch.Tensor, mods: torch.Tensor, feats: torch.Tensor, tokens: torch.Tensor,
+                device: torch.device) -> float:
+    """Gap between the two best next-token logits after prompt ``ids`` (1, T) and ``tokens`` (1, j)."""
+    prefix = torch.cat([ids, tokens], 1)
+    with torch.no_grad(), _autocast(device):
+        logits = vlm(input_ids=prefix, modality_ids=torch.cat([mods, torch.zeros_like(tokens)], 1),
+                     image_features=feats, logits="last").logits.float()
+    top2 = logits[0].topk(2).values
+    return float(top2[0] - top2[1])
+
+
 def check_family(kind: str, device: torch.device, log=_log) -> dict:
     """The correctness checks of (a) on one tiny random model family."""
     from pill.checkpoint import load_weights, save_weights
@@ -227,9 +239,14 @@ def check_family(kind: str, device: torch.device, log=_log) -> dict:
         cached = vlm.generate(gen_ids, use_cache=True, **kw)
         full = vlm.generate(gen_ids, use_cache=False, **kw)
     same = torch.equal(cached, full)
-    out["kv_cache_equals_recompute"] = {"tokens": list(cached.shape), "ok": same,
-                                        "first_difference": None if same else
-                                        int((cached != full).any(0).nonzero()[0])}
+    kv = {"tokens": list(cached.shape), "equal": same, "ok": same}
+    if not same:  # a difference is only acceptable at a near-tie of the two best logits (bf16 rounding)
+        j = int((cached != full).any(0).nonzero()[0])
+        row = int((cached[:, j] != full[:, j]).nonzero()[0])
+        margin = top2_margin(vlm, gen_ids[row:row + 1], gen_mods[row:row + 1], b["image_features"][row:row + 1],
+                             cached[row:row + 1, :j], device)
+        kv.update(first_difference_step=j, row=row, top2_margin=margin, ok=margin <= BF16_TIE)
+    out["kv_cache_equals_recompute"] = kv
 
     # 4. 30 stage-2 training steps on one batch lower the loss
     tvlm = _vlm(_tiny(kind, device), K, d_vpg)

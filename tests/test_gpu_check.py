@@ -62,3 +62,22 @@ def test_peak_table_and_shared_copy():
     assert all(a is b for a, b in zip(base.parameters(), twin.parameters()))  # one copy of the weights
     ids = torch.randint(0, 100, (1, 6))
     assert torch.equal(base(ids).logits, twin(ids).logits)
+
+
+def test_top2_margin_reads_the_next_token_logits():
+    from bench.gpu_check import _randomise, _tiny, _vlm, top2_margin
+
+    vlm = _vlm(_tiny("llama", torch.device("cpu")), 4, 32)
+    _randomise(vlm)
+    ids = torch.randint(5, 2000, (1, 10))
+    mods = torch.zeros_like(ids)
+    mods[0, 1:5] = 1
+    feats = torch.randn(1, 4, 32)
+    tokens = vlm.generate(ids, modality_ids=mods, image_features=feats, max_new_tokens=3, eos_token_id=[])
+    m = top2_margin(vlm, ids, mods, feats, tokens[:, :2], torch.device("cpu"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = vlm(input_ids=torch.cat([ids, tokens[:, :2]], 1),
+                     modality_ids=torch.cat([mods, torch.zeros(1, 2, dtype=torch.long)], 1),
+                     image_features=feats, logits="last").logits.float()
+    assert int(logits.argmax(-1)) == int(tokens[0, 2])  # the same next token as generation
+    assert m == float(logits[0].topk(2).values[0] - logits[0].topk(2).values[1]) and m >= 0
