@@ -6,7 +6,8 @@
     python bench/run.py --only routing,paper_scale --out r.json
 
 Items: step_time (1), routing (2), generation (3), feature_cache (4), memory (5), paper_scale (6),
-cli_startup (7: ``pill --help`` and argument errors, each in a fresh process).
+cli_startup (7: ``pill --help`` and argument errors, each in a fresh process),
+compile (8: train.compile, full set or --only compile).
 Every ratio in the JSON is measured within this one run. The device is picked automatically
 (CUDA with bf16 autocast when available, else CPU in float32).
 """
@@ -24,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` as a package, from any cwd
 
-ITEMS = ("step_time", "routing", "generation", "feature_cache", "memory", "paper_scale", "cli_startup")
+ITEMS = ("step_time", "routing", "generation", "feature_cache", "memory", "paper_scale", "cli_startup", "compile")
+# measured only when named (--only compile) or in the full set: compiling costs minutes on a CPU
+OPTIONAL = ("compile",)
 
 # Repetitions and sizes per mode. Full: about 17 min on 2 CPU cores (one thread); quick: about 4 min.
 MODES = {
@@ -84,7 +87,8 @@ def run(args) -> dict:
     if args.reps:
         cfg["step_reps"] = args.reps
     device = pick_device(args.device)
-    items = ITEMS if not args.only else tuple(args.only.split(","))
+    items = tuple(i for i in ITEMS if mode == "full" or i not in OPTIONAL) if not args.only \
+        else tuple(args.only.split(","))
     unknown = set(items) - set(ITEMS)
     if unknown:
         raise SystemExit(f"--only: unknown item(s) {sorted(unknown)}; choose from {', '.join(ITEMS)}")
@@ -168,6 +172,10 @@ def run(args) -> dict:
     if r:
         result["cli_startup_seconds"] = r["slowest_median_s"]
         result["cli_startup_cpu_seconds"] = r["slowest_median_cpu_s"]
+    r = timed_item("compile", lambda: training.bench_compile(
+        cfg["lengths"][-1], cfg["model"], device, 1, max(2, cfg["step_reps"] - 1), log=_log))
+    if r:
+        result["compile_step_ratio_vs_eager"] = r["ratio_compiled_vs_eager"]["median"]
 
     meta["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
     result["targets"] = _targets(result)
@@ -267,6 +275,13 @@ def details(result: dict) -> str:
         for n, cmd in c["calls"].items():
             out.append(f"| `{cmd}` | {c['median_s'][n]:.3f} | {c['max_s'][n]:.3f} | {c['median_cpu_s'][n]:.3f} |")
         out.append("")
+    if "compile" in d:
+        c = d["compile"]
+        out += [f"train.compile: the pill step at {c['batch']} x {c['length']}, eager against compiled layers "
+                f"(median of {c['reps']}; the first compiled step, which compiles, took {c['first_compiled_step_s']:.0f} s)",
+                "", "| layers | seconds |", "|---|---:|", f"| eager | {c['eager']['median_s']:.2f} |",
+                f"| compiled | {c['compiled']['median_s']:.2f} |",
+                f"| compiled / eager | {c['ratio_compiled_vs_eager']['median']:.3f} |", ""]
     return "\n".join(out)
 
 

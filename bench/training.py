@@ -249,3 +249,36 @@ def bench_memory(length: int, model: str, device: torch.device, contenders=CONTE
                      for b in contenders if b != "pill"}
     out["frozen_peak_bytes"] = f["peak_bytes"]
     return out
+
+
+# -- train.compile: the pill step eager against its compiled layers ------------------------------
+
+def bench_compile(length: int, model: str, device: torch.device, warmup: int, reps: int,
+                  log: Optional[Callable[[str], None]] = print) -> dict:
+    """``train.compile``: the stage-2 pill step (as ``pill train`` runs it) with eager layers against
+    the same step with every decoder layer compiled (``PillVLM.compile_layers``, inductor),
+    interleaved on two copies of the model; the first compiled step (the compilation) is timed
+    on its own."""
+    import time
+
+    num_tokens, dim_vpg = vpg_shape(model)
+    modules = {"eager": build_contender("pill", model, device), "compiled": build_contender("pill", model, device)}
+    opts = {n: make_optimizer(m) for n, m in modules.items()}
+    batch = training_batch(modules["eager"].llm.config.vocab_size, BATCH, length, num_tokens, dim_vpg, device)
+    steps = {n: make_step(m, opts[n], batch, device) for n, m in modules.items()}
+    losses = {"eager": float(steps["eager"]())}
+    modules["compiled"].compile_layers()
+    t = time.perf_counter()
+    losses["compiled"] = float(steps["compiled"]())
+    sync(device)
+    compile_s = time.perf_counter() - t
+    if log:
+        log(f"  compile: first compiled step {compile_s:.1f} s; loss eager {losses['eager']:.6f}, "
+            f"compiled {losses['compiled']:.6f}")
+    times = interleave(steps, warmup, reps, device, log=log)
+    out = {"length": length, "batch": BATCH, "warmup": warmup, "reps": reps, "first_compiled_step_s": compile_s,
+           "first_step_loss": losses, **{n: summary(v) for n, v in times.items()},
+           "ratio_compiled_vs_eager": ratio(times["compiled"], times["eager"])}
+    del modules, opts, steps
+    trim_memory()
+    return out

@@ -10,7 +10,10 @@ Per plugged decoder layer (design note, section 2), at the paths the family's ro
 The model's own attention and MLP code run unchanged: pill only wraps three
 existing submodules per layer, so fused attention (SDPA, flash) stays in use.
 Per-token modality ids reach the wrappers through a shared :class:`PillState`,
-set by a forward pre-hook on the decoder that takes a ``modality_ids=`` keyword.
+set by a forward pre-hook on the decoder that takes a ``modality_ids=`` keyword. The hook
+also finds, once per forward, the rows of every modality (:func:`pill.modules.route`, the
+forward's one host sync for routing); every layer's experts and gate use those rows, so no
+layer waits on the device (no ``.item()``, ``.tolist()`` or ``nonzero()`` per layer).
 
 Each plug-in declares the parameter group of its parameters (``pill_parameter_groups()``:
 ``attn_adapter``, ``expert:<modality id>`` or ``expert:shared``, ``gate``);
@@ -34,7 +37,7 @@ from .config import PillConfig
 from .errors import ConfigError, DataError
 from .families import Family, family_of
 from .modalities import IMAGE, TEXT
-from .modules import ModalityAttentionGate, ModalityExperts, build_adapter
+from .modules import ModalityAttentionGate, ModalityExperts, Routing, build_adapter, route
 
 PREFIX = "pill_"
 
@@ -69,6 +72,7 @@ class PillState:
     """Run-time switches shared by every wrapper of one plugged model."""
 
     modality_ids: Optional[torch.Tensor] = None  # (B, T) long; None = all text
+    routing: Optional[Routing] = None  # the rows of each modality in this forward (None = all text)
     gate_enabled: bool = True  # False in the align stage: values of visual tokens pass ungated
     swap_last: bool = False  # align stage: last layer routes text tokens to the aligned modality's expert
     align_modality: int = IMAGE  # the modality whose expert receives the text tokens when swap_last
@@ -76,15 +80,26 @@ class PillState:
     # Training: recompute norm + plug-in in the backward pass instead of keeping their inputs and
     # internals (about 0.1x less activation memory for a few per cent more time).
     recompute: bool = False
-    _rows: Optional[tuple] = field(default=None, repr=False, compare=False)  # (modality_ids, rows)
+    num_modalities: int = 2
+    _swapped: Optional[tuple] = field(default=None, repr=False, compare=False)  # (routing, swapped routing)
+
+    def set_modality_ids(self, modality_ids: Optional[torch.Tensor]) -> None:
+        """Start a forward: keep the ids and find the rows of every modality once (one host sync)."""
+        self.modality_ids = modality_ids
+        self.routing = None if modality_ids is None else route(modality_ids, self.num_modalities)
 
     def visual_rows(self) -> torch.Tensor:
-        """Flat (B*T) indices of the non-text tokens of the current forward: found once per
-        forward (one host sync on GPU) and shared by every layer's gate."""
-        m = self.modality_ids
-        if self._rows is None or self._rows[0] is not m:
-            self._rows = (m, (m.reshape(-1) != TEXT).nonzero().squeeze(1))
-        return self._rows[1]
+        """Flat (B*T) indices of the non-text tokens of the current forward, shared by every layer's gate."""
+        return self.routing.visual
+
+    def last_layer_routing(self) -> Routing:
+        """The routing of the last layer while aligning: text and the aligned modality exchange
+        experts (the same rows, found once per forward)."""
+        if self.routing is None:
+            return Routing.single(self.align_modality)
+        if self._swapped is None or self._swapped[0] is not self.routing:
+            self._swapped = (self.routing, self.routing.swapped(self.align_modality, TEXT))
+        return self._swapped[1]
 
 
 @dataclass
@@ -158,21 +173,19 @@ class PillFFNInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         state = self._state[0]
-        mods = _modality_ids(state, x)
-        if mods is not None:
-            if state.swap_last and self.is_last:
-                # The last layer's FFN output at non-text positions never reaches the loss:
-                # route text tokens to the aligned modality's expert so that it still learns.
-                a = state.align_modality
-                mods = torch.where(mods == TEXT, a, torch.where(mods == a, TEXT, mods))
-        elif state.swap_last and self.is_last:
-            mods = torch.full(x.shape[:2], state.align_modality, dtype=torch.long, device=x.device)
+        _modality_ids(state, x)  # checks the shape
+        if state.swap_last and self.is_last:
+            # The last layer's FFN output at non-text positions never reaches the loss:
+            # route text tokens to the aligned modality's expert so that it still learns.
+            routing = state.last_layer_routing()
+        else:
+            routing = state.routing or _TEXT_ONLY
         # the routing is fixed now, so a recomputation sends each token where this pass did
-        return _maybe_recompute(state, self._forward, x, mods)
+        return _maybe_recompute(state, self._forward, x, routing)
 
-    def _forward(self, x: torch.Tensor, mods: Optional[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         n2 = self.base(x)
-        return n2 + self.pill_experts(n2, mods)  # the experts handle dtypes themselves
+        return n2 + self.pill_experts(n2, routing=routing)  # the experts handle dtypes themselves
 
 
 class PillValueProj(nn.Module):
@@ -204,6 +217,8 @@ class PillValueProj(nn.Module):
         self.pill_gate(a, out[..., -self.value_width:], rows=state.visual_rows())  # gates the v slice in place
         return out
 
+
+_TEXT_ONLY = Routing.single(TEXT)
 
 # Names of the plug-ins fed the attention / FFN input of a layer that has no norm there to wrap.
 _INPUT_PLUGIN = {PillAttnInput: PREFIX + "attn_input", PillFFNInput: PREFIX + "ffn_input"}
@@ -256,7 +271,7 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
     value_width = _value_width(cfg) if family.fused_qkv else None
     ref = next(model.parameters())
 
-    state = PillState()
+    state = PillState(num_modalities=config.num_modalities)
     handle = PillHandle(config=config, state=state, layers=wanted, family=family)
     handle.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -302,7 +317,7 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
                 _feed_input_through(plugin), with_kwargs=True))
 
     def take_modality_ids(module, args, kwargs):
-        state.modality_ids = kwargs.pop("modality_ids", None)
+        state.set_modality_ids(kwargs.pop("modality_ids", None))
         return args, kwargs
 
     handle.hook = decoder.register_forward_pre_hook(take_modality_ids, with_kwargs=True)

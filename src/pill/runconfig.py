@@ -250,6 +250,9 @@ class RunConfig:
     # recompute norm + plug-ins in backward instead of keeping their activations: the plugged
     # model's activation memory stays within a few per cent of the frozen model's (BENCHMARKS.md)
     recompute_plugins: bool = True
+    # torch.compile every decoder layer (PillVLM.compile_layers); the first steps pay the
+    # compilation. Off by default: measured slower on CPU and unmeasured on GPU (BENCHMARKS.md)
+    compile: bool = False
     save_every: int = 100  # optimizer steps between resumable checkpoints
     keep_last: int = 2
     log_every: int = 1

@@ -207,6 +207,19 @@ class PillVLM(nn.Module):
         else:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
+    def compile_layers(self, **options) -> None:
+        """``torch.compile`` every decoder layer of the LLM in place (``train.compile``).
+
+        Regional compilation: the layers share their code, so one compiled graph serves all of
+        them and compiling takes the time of one layer, not of the whole model. The embedding,
+        the routing (:func:`pill.modules.route`, the forward's host sync) and the loss stay
+        eager, outside the compiled graphs, so the layers compile without a graph break; the
+        number of routed rows changes from batch to batch and is traced as a dynamic size after
+        the first recompilation. Compiling in place keeps every parameter name (checkpoints are
+        unaffected). ``options`` go to ``torch.compile`` (``backend``, ``mode``, ``dynamic``)."""
+        for layer in self.decoder.layers:
+            layer.compile(**options)
+
     @property
     def stage(self) -> Optional[str]:
         return self.llm.pill_handle.state.stage

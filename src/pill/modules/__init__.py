@@ -1,6 +1,7 @@
 """The plug-ins: adapters, modality experts and the attention gate."""
 from .adapter import ClassicAdapter, SwiGLUAdapter, build_adapter
-from .experts import ModalityExperts
+from .experts import ModalityExperts, Routing, route
 from .gate import ModalityAttentionGate
 
-__all__ = ["SwiGLUAdapter", "ClassicAdapter", "build_adapter", "ModalityExperts", "ModalityAttentionGate"]
+__all__ = ["SwiGLUAdapter", "ClassicAdapter", "build_adapter", "ModalityExperts", "Routing", "route",
+           "ModalityAttentionGate"]

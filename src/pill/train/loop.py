@@ -111,6 +111,8 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
         vlm.enable_gradient_checkpointing()
     else:
         vlm.enable_plugin_recompute(cfg.train.recompute_plugins)
+    if cfg.train.compile:
+        vlm.compile_layers()
 
     main = accelerator.is_main_process
     samples = load_dataset_samples(cfg, progress=progress and main)
