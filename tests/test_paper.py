@@ -191,3 +191,34 @@ def test_blip2_from_a_hub_id_downloads_only_the_shards_it_reads(tmp_path, monkey
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         assert torch.equal(vpg(x), local(x))
+
+
+def test_a_reference_style_run_trains_and_evaluates_the_reference_way(synth_root, tmp_path):
+    """One step of the paper recipe's shape (base_lr, no clipping, reference prompts) on a tiny model,
+    then the reference protocol with real sampling on the saved run."""
+    from pill.build import load_run
+    from pill.eval.evaluate import evaluate_scienceqa
+    from pill.runconfig import TrainConfig
+    from pill.train.loop import train
+
+    cfg = TrainConfig.from_dict({
+        "stage": "finetune",
+        "model": {"llm": "llama", "random_init": True, "pool": 2},
+        "pill": {"swiglu_gate_init": "torch_default"},
+        "data": {"format": "scienceqa", "root": str(synth_root), "split": "train", "prompt_format": "QCM-ALE",
+                 "prompt_style": "reference", "max_length": 256},
+        "optim": {"base_lr": 2e-3, "lr_scaling": "linear_256", "batch_size": 4, "micro_batch_size": 2,
+                  "betas": [0.9, 0.95], "weight_decay": 0.02, "gate_weight_decay": 0.02, "grad_clip": None,
+                  "max_steps": 1},
+        "train": {"feature_cache": False, "mixed_precision": "no"},
+    })
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["steps"] == 1 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    vlm = load_run(tmp_path / "run")
+    assert vlm.prompt_style == "reference"
+    result = evaluate_scienceqa(vlm, synth_root, "test", prompt_format="QCM-ALE", protocol="reference", limit=2,
+                                max_new_tokens=4, batch_size=2, seed=1, progress=False)
+    again = evaluate_scienceqa(vlm, synth_root, "test", prompt_format="QCM-ALE", protocol="reference", limit=2,
+                               max_new_tokens=4, batch_size=2, seed=1, progress=False)
+    assert result["count"] == 2 and result["prompt_style"] == "reference"
+    assert result["predictions"] == again["predictions"] and result["Avg"] == again["Avg"]  # seeded
