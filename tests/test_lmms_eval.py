@@ -118,3 +118,85 @@ def test_lmms_eval_finds_the_model_by_name():
     from pill.integrations.lmms_eval import PillLMMS
 
     assert models.get_model("pill") is PillLMMS
+
+
+TASK_UTILS = '''
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    options = "\\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(doc["choices"]))
+    return f"{doc['question']}\\n{options}\\nAnswer with the option's letter from the given choices directly."
+
+
+def doc_to_target(doc):
+    return chr(65 + doc["answer"])
+
+
+def process_results(doc, results):
+    pred = results[0].strip()
+    return {"exact_match": float(bool(pred) and pred[0].upper() == doc_to_target(doc))}
+'''
+
+TASK_YAML = '''task: pill_synth_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {jsonl}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: !function utils.doc_to_target
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+  do_sample: false
+  until: ["\\n"]
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  - version: 0.0
+'''
+
+
+def test_lmms_eval_runs_a_local_task_from_the_synthetic_benchmark(run, tmp_path):
+    """``lmms-eval --model pill`` end to end on the synthetic test split, offline (where lmms-eval
+    and pill are installed)."""
+    pytest.importorskip("lmms_eval")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = run["data"]
+    problems = json.loads((data / "problems.json").read_text())
+    jsonl = tmp_path / "synth_test.jsonl"
+    with open(jsonl, "w") as f:
+        for qid in json.loads((data / "pid_splits.json").read_text())["test"]:
+            p = problems[qid]
+            f.write(json.dumps({"question": p["question"], "choices": p["choices"], "answer": p["answer"],
+                                "image": str(data / "images" / "test" / qid / p["image"])}) + "\n")
+    task = tmp_path / "tasks" / "pill_synth"
+    task.mkdir(parents=True)
+    (task / "utils.py").write_text(TASK_UTILS)
+    (task / "pill_synth_gen.yaml").write_text(TASK_YAML.format(jsonl=jsonl))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "pill", "--model_args",
+                           f"run={run['run']},device=cpu", "--tasks", "pill_synth_gen", "--include_path",
+                           str(tmp_path / "tasks"), "--batch_size", "1", "--output_path", str(tmp_path / "out"),
+                           "--log_samples"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())
+    assert 0.0 <= results["results"]["pill_synth_gen"]["exact_match,none"] <= 1.0
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("*_samples_pill_synth_gen.jsonl")).open()]
+    assert len(samples) == 4 and all(isinstance(s["filtered_resps"], str) for s in samples)
