@@ -6,9 +6,12 @@ Routes:
     GET  /examples/NAME         bundled example images; /examples/examples.json lists them
     GET  /api/info              model, limits, settings ranges (JSON)
     GET  /api/gates.png         the run's gate plot (404 without one)
-    POST /api/image             body: the image file's bytes -> {image_id, width, height}
-    POST /api/chat              JSON {question, image_id?, history?, settings?} -> text/event-stream
-                                of ``queued``, ``start``, ``token``, then ``done`` or ``error``
+    POST /api/upload/MODALITY   body: one file of a modality the model reads (``image``, ...) ->
+                                {input_id, modality, name, ...what the modality describes}
+    POST /api/image             the same for an image, its id also as ``image_id``
+    POST /api/chat              JSON {question, inputs?: {modality: input_id}, files?: {modality:
+                                {name, data: base64}}, history?, settings?} -> text/event-stream of
+                                ``queued``, ``start``, ``notice``, ``token``, then ``done`` or ``error``
 
 Errors before an answer starts are JSON ``{"error": message}`` with a 4xx/5xx status; errors
 while answering arrive as an ``error`` event. Either way the server keeps serving.
@@ -204,7 +207,8 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_POST(self) -> None:
-        self._dispatch({"/api/image": self._upload, "/api/chat": self._chat})
+        self._dispatch({"/api/image": lambda _: self._upload("image", id_as="image_id"), "/api/upload/": self._upload,
+                        "/api/chat": self._chat})
 
     def _file(self, files: dict[str, Path], name: str) -> None:
         path = files.get(name)
@@ -217,26 +221,30 @@ class DemoHandler(BaseHTTPRequestHandler):
             raise RequestError(404, "this model has no gate plot")
         self._send(200, self.server.app.gate_png, "image/png")
 
-    def _upload(self, _path) -> None:
-        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        # image/* or octet-stream only: both need a CORS preflight, so other sites cannot post here.
-        if not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-            raise RequestError(415, "send the image file itself (Content-Type image/*)")
+    def _upload(self, name: str, id_as: str = "") -> None:
         app = self.server.app
+        m = app.served(unquote(name))
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        # <mime>/* or octet-stream only: both need a CORS preflight, so other sites cannot post here.
+        if not app.accepts(m.name, ctype):
+            kinds = f"{m.mime}/* or application/octet-stream" if m.mime else "application/octet-stream"
+            raise RequestError(415, f"send the {m.label} file itself (Content-Type {kinds})")
+        limit = app.limits.upload_bytes(m.name)
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > app.limits.max_upload_bytes:  # 413 before 503: waiting will not help
-            raise RequestError(413, too_large_message(int(length), app.limits.max_upload_bytes))
+        if length.isdigit() and int(length) > limit:  # 413 before 503: waiting will not help
+            raise RequestError(413, too_large_message(int(length), limit, f"{m.label} file"))
         with app.admission():  # before the body is read: beyond the queue nothing is read or decoded
-            data = self._body(app.limits.max_upload_bytes, "file")
-            name = unquote(self.headers.get("X-File-Name", ""))[:200] or "upload"
-            reply = app.add_image(data, name=name)
-        self._json(200, reply)
+            data = self._body(limit, f"{m.label} file")
+            filename = unquote(self.headers.get("X-File-Name", ""))[:200] or "upload"
+            reply = app.add_input(m.name, data, filename)
+        self._json(200, {id_as: reply["input_id"], **reply} if id_as else reply)
 
     def _chat(self, _path) -> None:
         if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
             raise RequestError(415, "send the question as JSON (Content-Type application/json)")
-        with self.server.app.admission():
-            self._answer(self._body(MAX_JSON_BYTES, "request"))
+        app = self.server.app
+        with app.admission():  # files sent along are decoded within it
+            self._answer(self._body(app.request_bytes(MAX_JSON_BYTES), "request"))
 
     def _answer(self, body: bytes) -> None:
         app = self.server.app
