@@ -386,19 +386,7 @@ class DemoApp:
         pieces. Returns the answer; exceptions (including :class:`ClientGone` from ``emit``)
         propagate after the model is released.
         """
-        with self._state_lock:
-            free = self._model_lock.acquire(blocking=False)
-            if not free:
-                self._waiting += 1
-                ahead = self._waiting  # the question being answered + those queued before this one
-        if not free:
-            try:
-                emit("queued", {"ahead": ahead})
-                self._model_lock.acquire()
-            finally:
-                with self._state_lock:
-                    self._waiting -= 1
-        try:
+        with self.model_turn(lambda ahead: emit("queued", {"ahead": ahead})):
             t0 = time.perf_counter()
             inputs = dict(request["inputs"])
             images = inputs.pop("image", [])
@@ -424,6 +412,26 @@ class DemoApp:
             send("", None)
             log.info("answered in %.1f s", time.perf_counter() - t0)
             return answer
+
+    @contextmanager
+    def model_turn(self, queued: Optional[Callable[[int], None]] = None):
+        """Hold the model: at once when it is free, else after ``queued(ahead)`` and a wait (call
+        it within :meth:`admission`, which bounds the queue)."""
+        with self._state_lock:
+            free = self._model_lock.acquire(blocking=False)
+            if not free:
+                self._waiting += 1
+                ahead = self._waiting  # the question being answered + those queued before this one
+        if not free:
+            try:
+                if queued is not None:
+                    queued(ahead)
+                self._model_lock.acquire()
+            finally:
+                with self._state_lock:
+                    self._waiting -= 1
+        try:
+            yield
         finally:
             self._model_lock.release()
 

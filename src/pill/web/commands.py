@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"pill demo: open {server.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
 
     try:
-        serve(vlm, args.host, args.port, info=info, limits=limits, ready=ready)
+        serve(vlm, args.host, args.port, info=info, limits=limits, ready=ready, api_key=args.api_key)
     except OSError as e:
         raise PillError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     except KeyboardInterrupt:
@@ -99,4 +99,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=positive_int, default=4096 * 4096, metavar="N",
                    help="largest image in pixels, width x height (default 16777216 = 4096 x 4096)")
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.add_argument("--api-key", metavar="KEY", default=None,
+                   help="require 'Authorization: Bearer KEY' on the OpenAI-compatible /v1/ API (default: none)")
     p.set_defaults(func=_serve)

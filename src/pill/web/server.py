@@ -6,6 +6,8 @@ Routes:
     GET  /examples/NAME         bundled example images; /examples/examples.json lists them
     GET  /api/info              model, limits, settings ranges (JSON)
     GET  /api/gates.png         the run's gate plot (404 without one)
+    GET  /v1/models             the served model, OpenAI style (:mod:`pill.web.openai_api`)
+    POST /v1/chat/completions   OpenAI Chat Completions (JSON, or SSE with ``stream: true``)
     POST /api/upload/MODALITY   body: one file of a modality the model reads (``image``, ...) ->
                                 {input_id, modality, name, ...what the modality describes}
     POST /api/image             the same for an image, its id also as ``image_id``
@@ -26,13 +28,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import secrets
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlsplit
 
+from . import openai_api
 from .app import ClientGone, DemoApp, Limits, RequestError, too_large_message
 
 log = logging.getLogger("pill.web")
@@ -79,8 +84,10 @@ class DemoServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, app: DemoApp, host: str = "127.0.0.1", port: int = 7860):
+    def __init__(self, app: DemoApp, host: str = "127.0.0.1", port: int = 7860, api_key: Optional[str] = None):
         self.app = app
+        self.api_key = api_key  # required as "Authorization: Bearer KEY" by /v1/ routes when set
+        self.started = int(time.time())
         self.static = _files(STATIC_DIR)
         self.examples = _files(EXAMPLES_DIR)
         # Bound to loopback, only loopback names are accepted in the Host header: a web page
@@ -124,8 +131,18 @@ class DemoHandler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json")
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+    def _error(self, status: int, message: str, e: Optional[RequestError] = None) -> None:
+        if urlsplit(self.path).path.startswith("/v1/"):  # the API answers in OpenAI's error shape
+            self._json(status, openai_api.as_api_error(e or RequestError(status, message)).body())
+        else:
+            self._json(status, {"error": message})
+
+    def _key_ok(self) -> bool:
+        key = self.server.api_key
+        if not key:
+            return True
+        given = self.headers.get("Authorization", "")
+        return given.startswith("Bearer ") and secrets.compare_digest(given[7:].strip().encode(), key.encode())
 
     def _host_ok(self) -> bool:
         if not self.server.loopback_only:
@@ -179,13 +196,16 @@ class DemoHandler(BaseHTTPRequestHandler):
             if self.command == "POST" and not self._origin_ok():
                 raise RequestError(403, f"requests from another site (Origin {self.headers.get('Origin')}) "
                                         "are refused; open the demo at its own address")
+            if path.startswith("/v1/") and not self._key_ok():
+                raise openai_api.ApiError(401, "invalid or missing API key: send Authorization: Bearer KEY",
+                                          code="invalid_api_key")
             for route, handler in routes.items():  # "/x/" matches its whole folder, other routes one path
                 if path == route or (len(route) > 1 and route.endswith("/") and path.startswith(route)):
                     return handler(path[len(route):] if route.endswith("/") else path)
             raise RequestError(404, f"no such page: {path}")
         except RequestError as e:
             self._drain_unread()
-            self._error(e.status, str(e))
+            self._error(e.status, str(e), e)
         except (BrokenPipeError, ConnectionResetError, ClientGone):
             log.info("client went away during %s %s", self.command, path)
         except Exception as e:  # one broken request must never stop the server
@@ -201,14 +221,16 @@ class DemoHandler(BaseHTTPRequestHandler):
                         "/static/": lambda name: self._file(self.server.static, name),
                         "/examples/": lambda name: self._file(self.server.examples, name),
                         "/api/info": lambda _: self._json(200, self.server.app.public_info()),
-                        "/api/gates.png": self._gates})
+                        "/api/gates.png": self._gates,
+                        "/v1/models": lambda _: self._json(200, openai_api.models_reply(self.server.app.info,
+                                                                                        self.server.started))})
 
     def do_HEAD(self) -> None:
         self.do_GET()
 
     def do_POST(self) -> None:
         self._dispatch({"/api/image": lambda _: self._upload("image", id_as="image_id"), "/api/upload/": self._upload,
-                        "/api/chat": self._chat})
+                        "/api/chat": self._chat, "/v1/chat/completions": self._completions})
 
     def _file(self, files: dict[str, Path], name: str) -> None:
         path = files.get(name)
@@ -289,21 +311,81 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+    def _completions(self, _path) -> None:
+        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+            raise openai_api.ApiError(415, "send the request as JSON (Content-Type application/json)")
+        app = self.server.app
+        limit = MAX_JSON_BYTES + openai_api.MAX_IMAGES * (4 * (app.limits.upload_bytes("image") + 2) // 3 + 64)
+        with app.admission():  # images are decoded within it
+            request = openai_api.parse_request(self._body(limit, "request"), app, openai_api.model_id(app.info))
+            cid, created, model = openai_api.completion_id(), openai_api.now(), openai_api.model_id(app.info)
+            if not request["stream"]:
+                text, finish, usage = openai_api.run(app, request)
+                self._json(200, openai_api.reply(cid, model, created, text, finish, usage))
+                return
+            started = False
+
+            def send(obj) -> None:
+                nonlocal started
+                if not started:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                    self.send_header("Cache-Control", "no-store")
+                    for k, v in SECURITY_HEADERS.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    started = True
+                    send(openai_api.chunk(cid, model, created, {"role": "assistant", "content": ""}))
+                try:
+                    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+                    self.wfile.write(b"data: " + data + b"\n\n")
+                    self.wfile.flush()
+                except OSError as e:
+                    raise ClientGone() from e
+
+            try:
+                text, finish, usage = openai_api.run(
+                    app, request, on_piece=lambda piece: send(openai_api.chunk(cid, model, created, {"content": piece})))
+            except RequestError as e:
+                if not started:
+                    raise
+                send(openai_api.as_api_error(e).body())
+                send(b"[DONE]")
+                return
+            except ClientGone:
+                log.info("client went away; answer abandoned")
+                return
+            except Exception as e:
+                log.exception("generation failed")
+                error = openai_api.ApiError(500, f"the model failed: {type(e).__name__}: {e}")
+                if not started:
+                    raise error from e
+                send(error.body())
+                send(b"[DONE]")
+                return
+            send(openai_api.chunk(cid, model, created, {}, finish))
+            if request["include_usage"]:
+                send(openai_api.chunk(cid, model, created, {}, usage=usage))
+            send(b"[DONE]")
+            self.close_connection = True
+
+
 def make_server(vlm_or_app, host: str = "127.0.0.1", port: int = 7860, info: Optional[dict] = None,
-                limits: Optional[Limits] = None) -> DemoServer:
+                limits: Optional[Limits] = None, api_key: Optional[str] = None) -> DemoServer:
     """A bound, not yet serving, demo server; ``port=0`` picks a free port (see ``.url``).
 
     ``vlm_or_app``: a :class:`~pill.vlm.PillVLM` (wrapped in a :class:`DemoApp` with ``info`` and
-    ``limits``) or a ready :class:`DemoApp`.
+    ``limits``) or a ready :class:`DemoApp`. ``api_key``: required by the ``/v1/`` API as
+    ``Authorization: Bearer KEY`` (None: no key).
     """
     app = vlm_or_app if isinstance(vlm_or_app, DemoApp) else DemoApp(vlm_or_app, info, limits)
-    return DemoServer(app, host, port)
+    return DemoServer(app, host, port, api_key)
 
 
 def serve(vlm, host: str = "127.0.0.1", port: int = 7860, info: Optional[dict] = None,
-          limits: Optional[Limits] = None, ready=None) -> None:
+          limits: Optional[Limits] = None, ready=None, api_key: Optional[str] = None) -> None:
     """Serve the demo until interrupted. ``ready(server)`` is called once it listens."""
-    server = make_server(vlm, host, port, info, limits)
+    server = make_server(vlm, host, port, info, limits, api_key)
     if not server.loopback_only:
         log.warning("serving on %s: anyone who can reach this address can use the model", host)
     if ready is not None:
