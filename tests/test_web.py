@@ -792,3 +792,12 @@ def test_browser_offers_an_upload_per_modality(browser, probe_server, tmp_path):
     wait.until(lambda _: d.find_element(By.ID, "error").is_displayed())
     assert d.find_element(By.ID, "error").text.startswith("big.npy: the file is")
     assert "The previous probe reading is still in use." in d.find_element(By.ID, "error").text
+
+
+def test_large_buffers_go_back_to_the_os_on_glibc():
+    import platform
+
+    from pill.web.server import return_large_buffers_to_the_os
+
+    applied = return_large_buffers_to_the_os()
+    assert applied is (platform.libc_ver()[0] == "glibc")

@@ -28,7 +28,9 @@ class Modality:
         name: the key in configs and samples (``image``); LLaVA JSON reads ``field`` (``image``).
         id: its modality id (>= 1) and the index of its MoMAE expert.
         placeholder: the prompt text that marks where one input goes (``<image>``).
-        load: ``ref -> decoded input`` (a path or bytes -> a PIL image), with errors naming the file.
+        load: ``load(ref, name=None, **options) -> decoded input`` (a path or encoded bytes -> a PIL
+            image); a DataError names ``name`` (else the path). ``pill serve`` passes an upload's
+            file name and, for the image, its pixel limit and stored size as ``options``.
         noun: singular word for messages ("image").
         field: the LLaVA JSON key of the inputs' paths (default: ``name``).
         batch_key: the batch key of the preprocessed inputs (default ``<name>_values``).
