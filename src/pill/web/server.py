@@ -344,8 +344,10 @@ class DemoHandler(BaseHTTPRequestHandler):
                     raise ClientGone() from e
 
             try:
-                text, finish, usage = openai_api.run(
-                    app, request, on_piece=lambda piece: send(openai_api.chunk(cid, model, created, {"content": piece})))
+                def piece(text: str) -> None:
+                    send(openai_api.chunk(cid, model, created, {"content": text}))
+
+                text, finish, usage = openai_api.run(app, request, on_piece=piece)
             except RequestError as e:
                 if not started:
                     raise
