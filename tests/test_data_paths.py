@@ -205,4 +205,5 @@ def test_data_inspect_command_refuses_then_allows(layout, capsys):
     data = write_llava(images.parent / "data.json", "../../secret/secret.png")
     assert main(["data", "inspect", "llava", "--json", str(data), "--image-folder", str(images)]) != 0
     assert "outside the image folder" in capsys.readouterr().err
-    assert main(["data", "inspect", "llava", "--json", str(data), "--image-folder", str(images), "--allow-outside-root"]) == 0
+    args = ["data", "inspect", "llava", "--json", str(data), "--image-folder", str(images)]
+    assert main(args + ["--allow-outside-root"]) == 0

@@ -17,8 +17,10 @@ PROBE_DIM, PROBE_TOKENS = 8, 3
 
 
 def load_probe(ref, name=None):
+    import io
+
     try:
-        return np.load(ref).astype(np.float32)
+        return np.load(io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref).astype(np.float32)
     except (OSError, ValueError) as e:
         raise DataError(f"{name or ref}: not a probe reading ({e})") from None
 

@@ -192,7 +192,7 @@ def test_limits_must_be_positive():
 
 
 def test_uploads_kept_in_memory_are_bounded():
-    app = DemoApp(FakeVLM(), FAKE_INFO, Limits(max_images=2))
+    app = DemoApp(FakeVLM(), FAKE_INFO, Limits(max_inputs=2))
     ids = [app.add_image(png_bytes((8 + i, 8)))["image_id"] for i in range(3)]
     with pytest.raises(RequestError, match="upload it again") as e:
         app.get_image(ids[0])
@@ -407,7 +407,9 @@ def test_serve_command_arguments():
     assert (args.run, args.host, args.port, args.max_upload_mb) == (None, "127.0.0.1", 7860, 10.0)
     args = parser.parse_args(["serve", "--run", "r", "--host", "0.0.0.0", "--port", "0", "--max-upload-mb", "2.5"])
     assert (args.run, args.host, args.port, args.max_upload_mb) == ("r", "0.0.0.0", 0, 2.5)
-    for bad in (["--port", "70000"], ["--max-upload-mb", "0"], ["--max-pixels", "-1"]):
+    assert parser.parse_args(["serve", "--max-input-mb", "probe=0.5"]).max_input_mb == [("probe", 0.5)]
+    for bad in (["--port", "70000"], ["--max-upload-mb", "0"], ["--max-pixels", "-1"], ["--max-input-mb", "5"],
+                ["--max-input-mb", "probe=0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *bad])
     with pytest.raises(PillError, match="no such run directory"):
@@ -658,3 +660,144 @@ def test_posts_from_a_foreign_origin_are_refused(client):
         assert status == 200, extra
     # GET is not state-changing: a foreign Origin may read the page (the Host check still applies)
     assert client.request("GET", "/api/info", headers={"Origin": "http://evil.example"})[0] == 200
+
+
+# -- every modality the model reads ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def probe_server():
+    """A tiny model that reads images and the "probe" modality of tests/test_modalities.py, served."""
+    import torch
+
+    from test_modalities import ProbeEncoder, load_probe
+    from pill.encoders.efficientnet import EfficientNetVPG
+    from pill.modalities import Modality, next_free_id, register_modality, unregister_modality
+    from pill.models import build_llm_from_config, load_tokenizer
+    from pill.vlm import PillVLM
+
+    register_modality(Modality("probe", next_free_id(), "<probe>", load_probe, noun="probe reading"))
+    try:
+        torch.manual_seed(0)
+        vlm = PillVLM(build_llm_from_config("llama"), EfficientNetVPG(pretrained=False, pool=2), load_tokenizer(),
+                      encoders={"probe": ProbeEncoder()})
+        server = start(vlm, limits=Limits(max_upload_bytes=200_000, max_input_bytes={"probe": 1000}))
+        yield server, vlm
+        server.shutdown()
+        server.server_close()
+    finally:
+        unregister_modality("probe")
+
+
+def npy_bytes(values) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(values, dtype=np.float32))
+    return buf.getvalue()
+
+
+def test_a_probe_reading_and_an_image_in_one_request(probe_server, monkeypatch):
+    import base64
+
+    server, vlm = probe_server
+    client = Client(server)
+    info = json.loads(client.request("GET", "/api/info")[2])
+    assert [m["name"] for m in info["modalities"]] == ["image", "probe"]  # image first
+    assert info["modalities"][1]["max_upload_bytes"] == 1000 and info["modalities"][0]["accept"] == "image/*"
+    seen = []
+    real_generate = vlm.generate
+    monkeypatch.setattr(vlm, "generate", lambda **kw: seen.append(kw) or real_generate(**kw))
+    files = {"image": {"name": "red.png", "data": base64.b64encode(png_bytes((24, 24))).decode()},
+             "probe": {"name": "p.npy", "data": base64.b64encode(npy_bytes(range(8))).decode()}}
+    body = json.dumps({"question": "What do they show?", "files": files, "settings": {"max_new_tokens": 4}})
+    status, headers, reply = client.request("POST", "/api/chat", body.encode(), {"Content-Type": "application/json"})
+    events = parse_events(reply.decode())
+    assert status == 200 and answer_of(events) is not None
+    batch = seen[-1]
+    assert batch["pixel_values"].shape[0] == 1 and batch["probe_values"].shape == (1, 8)
+    probe_id = vlm.modalities["probe"].id
+    assert int((batch["modality_ids"] == probe_id).sum()) == vlm.encoders["probe"].num_tokens
+
+    # uploaded first, then named by id; each modality has its own route, loader and size limit
+    status, _, up = client.request("POST", "/api/upload/probe", npy_bytes(range(8)),
+                                   {"Content-Type": "application/octet-stream", "X-File-Name": "p.npy"})
+    up = json.loads(up)
+    assert status == 200 and up["modality"] == "probe" and up["input_id"]
+    _, img = client.upload(png_bytes((16, 16)))
+    payload = {"question": "And now?", "inputs": {"probe": up["input_id"], "image": img["input_id"]},
+               "settings": {"max_new_tokens": 3}}
+    status, _, reply = client.request("POST", "/api/chat", json.dumps(payload).encode(),
+                                      {"Content-Type": "application/json"})
+    assert status == 200 and answer_of(parse_events(reply.decode())) is not None
+    assert "probe_values" in seen[-1] and "pixel_values" in seen[-1]
+
+    status, _, reply = client.request("POST", "/api/upload/probe", npy_bytes(range(400)),
+                                      {"Content-Type": "application/octet-stream"})
+    assert status == 413 and "probe reading" in json.loads(reply)["error"]
+    status, _, reply = client.request("POST", "/api/upload/probe", b"not numpy at all",
+                                      {"Content-Type": "application/octet-stream", "X-File-Name": "bad.npy"})
+    assert status == 400 and "bad.npy: not a probe reading" in json.loads(reply)["error"]
+    bad = {"question": "hi", "files": {"probe": {"name": "x.npy", "data": "!!not base64!!"}}}
+    status, _, reply = client.request("POST", "/api/chat", json.dumps(bad).encode(),
+                                      {"Content-Type": "application/json"})
+    assert status == 400 and "probe" in json.loads(reply)["error"] and "base64" in json.loads(reply)["error"]
+    status, _, reply = client.request("POST", "/api/chat", json.dumps({"question": "hi <probe>"}).encode(),
+                                      {"Content-Type": "application/json"})
+    assert status == 400 and "<probe>" in json.loads(reply)["error"]
+
+
+def test_a_modality_the_model_does_not_read_is_refused(client):
+    status, _, reply = client.request("POST", "/api/upload/sound", b"xyz", {"Content-Type": "application/octet-stream"})
+    assert status == 404 and "reads no sound" in json.loads(reply)["error"]
+    payload = {"question": "hi", "inputs": {"sound": "abc"}}
+    status, _, reply = client.request("POST", "/api/chat", json.dumps(payload).encode(),
+                                      {"Content-Type": "application/json"})
+    assert status == 400 and "reads no sound" in json.loads(reply)["error"]
+
+
+def test_browser_offers_an_upload_per_modality(browser, probe_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, _ = probe_server
+    d = browser
+    wait = WebDriverWait(d, 60)
+    d.get(server.url)
+    wait.until(lambda _: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    choosers = d.find_elements(By.CSS_SELECTOR, "input[type=file]")
+    assert [c.get_attribute("id") for c in choosers] == ["file-input", "file-input-probe"]  # image first
+    reading = tmp_path / "reading.npy"
+    reading.write_bytes(npy_bytes(range(8)))
+    d.find_element(By.ID, "file-input-probe").send_keys(str(reading))
+    wait.until(lambda _: "Probe reading: reading.npy" in d.find_element(By.ID, "status").text)
+    image = tmp_path / "blue.png"
+    Image.new("RGB", (20, 20), "blue").save(image)
+    d.find_element(By.ID, "file-input").send_keys(str(image))
+    wait.until(lambda _: "Image: blue.png (20 × 20)" in d.find_element(By.ID, "status").text)
+    assert d.find_element(By.ID, "caption-probe").text == "reading.npy"
+    d.find_element(By.ID, "max-new-tokens").clear()
+    d.find_element(By.ID, "max-new-tokens").send_keys("4")
+    d.find_element(By.ID, "question").send_keys("What do they show?")
+    d.find_element(By.ID, "ask").click()
+
+    def done(_):
+        turns = d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")
+        return turns and turns[-1].get_attribute("data-state") in ("done", "error")
+
+    wait.until(done)
+    last = d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")[-1]
+    assert last.get_attribute("data-state") == "done", last.text
+    too_big = tmp_path / "big.npy"
+    too_big.write_bytes(npy_bytes(range(400)))
+    d.find_element(By.ID, "file-input-probe").send_keys(str(too_big))
+    wait.until(lambda _: d.find_element(By.ID, "error").is_displayed())
+    assert d.find_element(By.ID, "error").text.startswith("big.npy: the file is")
+    assert "The previous probe reading is still in use." in d.find_element(By.ID, "error").text
+
+
+def test_large_buffers_go_back_to_the_os_on_glibc():
+    import platform
+
+    from pill.web.server import return_large_buffers_to_the_os
+
+    applied = return_large_buffers_to_the_os()
+    assert applied is (platform.libc_ver()[0] == "glibc")

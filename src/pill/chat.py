@@ -49,12 +49,14 @@ class ChatSession:
             the tokenizer's own).
         system_prompt: system message of the conversation (default: ``vlm.system_prompt``, which
             :func:`~pill.build.load_run` sets to the run's; None there: the template's default).
-        history: earlier ``{role, content}`` turns (without inputs) to continue from.
+        history: earlier ``{role, content}`` turns to continue from.
+        inputs: the inputs of ``history`` by modality name, in order (paths, bytes or decoded), one
+            per placeholder; without them the history may hold no placeholders.
     """
 
     def __init__(self, vlm, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  seed: Optional[int] = None, template: Optional[str] = None, system_prompt: Optional[str] = None,
-                 history: Optional[Sequence[dict]] = None):
+                 history: Optional[Sequence[dict]] = None, inputs: Optional[dict[str, Sequence]] = None):
         if vlm.processor is None:
             raise PillError("the model has no tokenizer; build PillVLM with one")
         if max_new_tokens < 1:
@@ -76,9 +78,12 @@ class ChatSession:
             self.generator = torch.Generator(device=vlm.device).manual_seed(seed)
         self.messages: list[dict] = []
         self.inputs: dict[str, list] = {}  # decoded inputs of the whole conversation, by modality, in order
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}  # of the last answer
+        self.finish_reason = None  # of the last answer: "stop" (end of text) or "length"
         if history:
-            self._check_history(history)
+            self._check_history(history, inputs or {})
             self.messages = [dict(m) for m in history]
+            self.inputs = {name: self._decode(name, items) for name, items in (inputs or {}).items() if items}
 
     @property
     def images(self) -> list:
@@ -88,10 +93,15 @@ class ChatSession:
         """Forget the conversation (messages and inputs)."""
         self.messages, self.inputs = [], {}
 
-    def _check_history(self, history: Sequence[dict]) -> None:
+    def _check_history(self, history: Sequence[dict], inputs: dict[str, Sequence]) -> None:
+        for name in inputs:
+            if name not in self.vlm.modalities:
+                raise PillError(f"this model reads no {name} inputs (its encoders: {', '.join(self.vlm.modalities)})")
         for m in self.vlm.modalities.values():
-            if any(m.placeholder in h.get("content", "") for h in history):
-                raise PillError(f"{m.label}s in earlier turns are not supported here; put them in the new prompt")
+            n = sum(h.get("content", "").count(m.placeholder) for h in history)
+            if n != len(inputs.get(m.name, [])):
+                raise PillError(f"the earlier turns hold {n} {m.placeholder} placeholder(s) but "
+                                f"{len(inputs.get(m.name, []))} {m.label}(s) were given with them")
 
     @staticmethod
     def _decode(name: str, items: Sequence) -> list:
@@ -203,6 +213,8 @@ class ChatSession:
             self.vlm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=self.temperature > 0,
                               temperature=self.temperature or 1.0, top_p=self.top_p, streamer=on_token,
                               generator=self.generator)
+        self.usage = {"prompt_tokens": int(batch["input_ids"].shape[1]), "completion_tokens": len(tokens)}
+        self.finish_reason = "stop" if finished else "length"
         final = tokenizer.decode(tokens, skip_special_tokens=True)
         if final.startswith(shown) and len(final) > len(shown):
             if stream is not None:

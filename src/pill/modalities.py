@@ -28,10 +28,16 @@ class Modality:
         name: the key in configs and samples (``image``); LLaVA JSON reads ``field`` (``image``).
         id: its modality id (>= 1) and the index of its MoMAE expert.
         placeholder: the prompt text that marks where one input goes (``<image>``).
-        load: ``ref -> decoded input`` (a path or bytes -> a PIL image), with errors naming the file.
+        load: ``load(ref, name=None, **options) -> decoded input`` (a path or encoded bytes -> a PIL
+            image); a DataError names ``name`` (else the path). ``pill serve`` passes an upload's
+            file name and, for the image, its pixel limit and stored size as ``options``.
         noun: singular word for messages ("image").
         field: the LLaVA JSON key of the inputs' paths (default: ``name``).
         batch_key: the batch key of the preprocessed inputs (default ``<name>_values``).
+        mime: the media-type family of its files (``image``): ``pill serve`` takes uploads sent as
+            ``<mime>/*`` (or ``application/octet-stream``) and its page's file chooser filters on it.
+        describe: ``decoded input -> dict`` of facts shown with an upload (an image's width and
+            height; ``summary``: a short text such as ``"96 × 96"``); None: nothing to add.
     """
 
     name: str
@@ -41,6 +47,8 @@ class Modality:
     noun: str = ""
     field: str = ""
     batch_key: str = ""
+    mime: str = ""
+    describe: Optional[Callable[[Any], dict]] = None
 
     @property
     def inputs_key(self) -> str:
@@ -110,8 +118,14 @@ def _load_image(ref, **kw):
     return load_image(ref, **kw)
 
 
+def _describe_image(img) -> dict:
+    from .data.images import describe_image
+
+    return describe_image(img)
+
+
 IMAGE_MODALITY = register_modality(Modality("image", 1, "<image>", _load_image, noun="image",
-                                            batch_key="pixel_values"))
+                                            batch_key="pixel_values", mime="image", describe=_describe_image))
 IMAGE = IMAGE_MODALITY.id
 IMAGE_PLACEHOLDER = IMAGE_MODALITY.placeholder
 

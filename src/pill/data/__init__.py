@@ -7,6 +7,7 @@ turns only. This module stays import-light (no torch, no transformers).
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -195,7 +196,7 @@ def check_input_file(path: str, modality_name: str, sample_id: str, source: str,
         raise BadSample(f"{source}: {kind} {sample_id}: {m.label} file {what}: {path}", reason)
 
 
-def inside_root(root: Union[str, "os.PathLike"], ref: str, *, what: str, where: str, root_name: str,
+def inside_root(root: Union[str, os.PathLike], ref: str, *, what: str, where: str, root_name: str,
                 allow_outside: bool = False) -> str:
     """``root/ref``, or BadSample (``outside_root``) when it resolves outside ``root``.
 
@@ -205,8 +206,6 @@ def inside_root(root: Union[str, "os.PathLike"], ref: str, *, what: str, where: 
     message ("image"), ``where`` the file and sample (``data.json: sample 7``), ``root_name`` the
     folder ("the image folder"). ``allow_outside`` (``data.allow_outside_root``) skips the check.
     """
-    import os
-
     path = os.path.join(str(root), ref)
     if allow_outside:
         return path

@@ -25,9 +25,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(source: Union[str, os.PathLike, bytes], max_pixels: int = DEFAULT_MAX_PIXELS,
-               name: str | None = None) -> Image.Image:
+               name: str | None = None, max_side: int | None = None) -> Image.Image:
     """Open ``source`` (a path or encoded bytes) fully and return an RGB PIL image.
 
+    ``max_side``: shrink the image to fit a ``max_side`` square (aspect kept) once decoded, to keep
+    it small in memory; ``info["original_size"]`` then holds the size it had.
     Raises DataError naming the file when it is missing, unreadable, truncated,
     not an image, or larger than ``max_pixels``.
     """
@@ -53,4 +55,15 @@ def load_image(source: Union[str, os.PathLike, bytes], max_pixels: int = DEFAULT
             raise DataError(f"{label}: not an image file (or an unsupported format)") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"{label}: corrupt or truncated image ({e})") from None
-        return to_rgb(img)
+        rgb = to_rgb(img)
+    if max_side is not None and max(rgb.size) > max_side:
+        size = rgb.size
+        rgb.thumbnail((max_side, max_side))
+        rgb.info["original_size"] = size
+    return rgb
+
+
+def describe_image(img: Image.Image) -> dict:
+    """``{width, height, summary}`` of a decoded image, as it was before :func:`load_image` shrank it."""
+    width, height = img.info.get("original_size", img.size)
+    return {"width": width, "height": height, "summary": f"{width} × {height}"}

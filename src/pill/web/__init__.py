@@ -1,4 +1,5 @@
-"""A local web demo: ask a PILL model about an image in the browser (``pill serve``).
+"""A local web demo: ask a PILL model about an image, or an input of any modality it reads, in the
+browser (``pill serve``).
 
 Standard library only: :mod:`http.server` serves one hand-written page whose script streams
 answers with ``fetch`` + server-sent events. Use from Python::

@@ -1,11 +1,15 @@
-"""The demo's logic without HTTP: request validation, uploaded images, one model behind a lock.
+"""The demo's logic without HTTP: request validation, uploaded inputs, one model behind a lock.
 
 :class:`DemoApp` is what :mod:`pill.web.server` serves. It holds one model, answers one
 question at a time (others wait in a bounded queue), and turns every bad input into a
-:class:`RequestError` whose message is shown on the page.
+:class:`RequestError` whose message is shown on the page. Uploads of every modality the model
+has an encoder for (:mod:`pill.modalities`: image, and any registered other) are decoded with
+that modality's own loader, under its own size limit.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import math
@@ -14,14 +18,13 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from ..data.images import load_image
 from ..chat import ContextError, context_length
 from ..errors import DataError
-from ..modalities import IMAGE_PLACEHOLDER
+from ..modalities import Modality, modalities, modality
 
 log = logging.getLogger("pill.web")
 
@@ -50,7 +53,11 @@ class ClientGone(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Upload, text and queue limits; each is checked on the server whatever the page does."""
+    """Upload, text and queue limits; each is checked on the server whatever the page does.
+
+    ``max_upload_bytes`` caps an upload of any modality; ``max_input_bytes`` (modality name ->
+    bytes) sets another cap for some. ``max_pixels`` is the image modality's own limit.
+    """
 
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 4096 * 4096
@@ -58,12 +65,23 @@ class Limits:
     max_history_messages: int = 32  # 16 earlier question/answer pairs
     max_message_chars: int = 8000
     max_waiting: int = 8  # requests queued behind the one being served (questions, uploads); more get HTTP 503
-    max_images: int = 32  # uploads kept in memory, least recently used dropped first
+    max_inputs: int = 32  # uploads (of every modality) kept in memory, least recently used dropped first
+    max_input_bytes: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
-        for name, value in self.__dict__.items():
+        values = {k: v for k, v in self.__dict__.items() if k != "max_input_bytes"}
+        values.update({f"max_input_bytes[{k!r}]": v for k, v in self.max_input_bytes.items()})
+        for name, value in values.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
+
+    def upload_bytes(self, name: str) -> int:
+        """The largest upload of modality ``name``, in bytes."""
+        return self.max_input_bytes.get(name, self.max_upload_bytes)
+
+    def load_options(self, name: str) -> dict:
+        """Keyword arguments for modality ``name``'s loader: the image's pixel limit and stored size."""
+        return {"max_pixels": self.max_pixels, "max_side": STORED_IMAGE_SIDE} if name == "image" else {}
 
 
 def validate_settings(raw: Any) -> dict:
@@ -102,7 +120,7 @@ def validate_settings(raw: Any) -> dict:
 def validate_history(raw: Any, limits: Limits) -> list[dict]:
     """Earlier turns ``[{role: user|assistant, content: str}, ...]``, alternating from ``user``.
 
-    ``<image>`` in earlier turns is neutralised: the image is attached to the new question.
+    Placeholders (``<image>``, ...) in earlier turns are neutralised: inputs come with the new question.
     """
     if raw is None:
         return []
@@ -118,7 +136,10 @@ def validate_history(raw: Any, limits: Limits) -> list[dict]:
             raise RequestError(400, f"history message {i} must be {{role: {expected!r}, content: text}}")
         if len(m["content"]) > limits.max_message_chars:
             raise RequestError(400, f"history message {i} is longer than {limits.max_message_chars} characters")
-        out.append({"role": expected, "content": m["content"].replace(IMAGE_PLACEHOLDER, "(image)")})
+        content = m["content"]
+        for mod in modalities():
+            content = content.replace(mod.placeholder, f"({mod.label})")
+        out.append({"role": expected, "content": content})
     if len(out) % 2:
         raise RequestError(400, "history must end with an assistant message")
     return out
@@ -196,7 +217,10 @@ class DemoApp:
         self._state_lock = threading.Lock()  # guards the fields below
         self._admitted = 0  # requests in the queue: answering, waiting for the model, decoding an upload
         self._waiting = 0  # questions waiting for the model
-        self._images: OrderedDict[str, Any] = OrderedDict()
+        self._inputs: OrderedDict[str, tuple[str, Any]] = OrderedDict()  # id -> (modality name, decoded)
+        # the modalities the model has encoders for, image first (a stand-in without any: images)
+        served = getattr(vlm, "modalities", None) or {"image": modality("image")}
+        self.modalities: dict[str, Modality] = dict(sorted(served.items(), key=lambda kv: kv[1].id))
 
     def public_info(self) -> dict:
         """``/api/info``: the model, the limits and the settings' ranges and defaults."""
@@ -205,6 +229,10 @@ class DemoApp:
                            "max_question_chars": self.limits.max_question_chars,
                            "max_history_messages": self.limits.max_history_messages,
                            "context_tokens": self.context_tokens()},
+                "modalities": [{"name": m.name, "label": m.label, "placeholder": m.placeholder,
+                                "accept": f"{m.mime}/*" if m.mime else "",
+                                "max_upload_bytes": self.limits.upload_bytes(m.name)}
+                               for m in self.modalities.values()],
                 "settings": {name: {"min": lo, "max": hi, "default": default}
                              for name, (_, lo, hi, default) in SETTINGS.items()}}
 
@@ -228,41 +256,81 @@ class DemoApp:
             with self._state_lock:
                 self._admitted -= 1
 
-    # -- images ------------------------------------------------------------------------------
-    def add_image(self, data: bytes, name: str = "upload") -> dict:
-        """Decode an upload and keep it; returns ``{image_id, width, height}`` of the original."""
-        if len(data) > self.limits.max_upload_bytes:
-            raise RequestError(413, too_large_message(len(data), self.limits.max_upload_bytes))
+    # -- uploads ------------------------------------------------------------------------------
+    def served(self, name: Any) -> Modality:
+        """The modality ``name`` if the model reads it, else RequestError 404."""
+        m = self.modalities.get(name) if isinstance(name, str) else None
+        if m is None:
+            raise RequestError(404, f"this model reads no {name} inputs (it reads: {', '.join(self.modalities)})")
+        return m
+
+    def accepts(self, name: str, content_type: str) -> bool:
+        """Whether an upload of modality ``name`` may be sent as ``content_type``: ``<mime>/*`` or
+        ``application/octet-stream``, neither of which a page elsewhere can send without a preflight."""
+        mime = self.served(name).mime
+        return content_type == "application/octet-stream" or bool(mime) and content_type.startswith(mime + "/")
+
+    def decode(self, name: str, data: bytes, filename: str = "upload"):
+        """One upload of modality ``name`` decoded by the modality's own loader, one at a time;
+        RequestError (413, 400) names the file."""
+        m = self.served(name)
+        limit = self.limits.upload_bytes(name)
+        if len(data) > limit:
+            raise RequestError(413, too_large_message(len(data), limit, f"{m.label} file"))
         if not data:
-            raise RequestError(400, f"{name}: the file is empty")
+            raise RequestError(400, f"{filename}: the file is empty")
         try:
             with self._decode_lock:  # one decoded upload in memory at a time, whatever arrives at once
-                img = load_image(bytes(data), max_pixels=self.limits.max_pixels, name=name)
+                return m.load(bytes(data), name=filename, **self.limits.load_options(name))
         except DataError as e:
             raise RequestError(400, str(e)) from None
-        width, height = img.size
-        img.thumbnail((STORED_IMAGE_SIDE, STORED_IMAGE_SIDE))
-        image_id = secrets.token_urlsafe(12)
+
+    def add_input(self, name: str, data: bytes, filename: str = "upload") -> dict:
+        """Decode an upload of modality ``name`` and keep it; returns ``{input_id, modality, name}``
+        and what the modality's ``describe`` says about it (an image: width, height, summary)."""
+        m = self.served(name)
+        decoded = self.decode(name, data, filename)
+        facts = m.describe(decoded) if m.describe is not None else {}
+        input_id = secrets.token_urlsafe(12)
         with self._state_lock:
-            self._images[image_id] = img
-            while len(self._images) > self.limits.max_images:
-                self._images.popitem(last=False)
-        return {"image_id": image_id, "width": width, "height": height}
+            self._inputs[input_id] = (name, decoded)
+            while len(self._inputs) > self.limits.max_inputs:
+                self._inputs.popitem(last=False)
+        return {"input_id": input_id, "modality": name, "name": filename, **facts}
+
+    def get_input(self, name: str, input_id):
+        """The decoded upload ``input_id`` of modality ``name``; RequestError 410 once it is dropped."""
+        m = self.served(name)
+        with self._state_lock:
+            kept = self._inputs.get(input_id) if isinstance(input_id, str) else None
+            if kept is None or kept[0] != name:
+                raise RequestError(410, f"that {m.label} is no longer on the server (it restarted or dropped "
+                                        "old uploads); upload it again")
+            self._inputs.move_to_end(input_id)
+            return kept[1]
+
+    def add_image(self, data: bytes, name: str = "upload") -> dict:
+        """:meth:`add_input` for an image, its id also under ``image_id``."""
+        reply = self.add_input("image", data, name)
+        return {"image_id": reply["input_id"], **reply}
 
     def get_image(self, image_id):
-        if image_id is None:
-            return None
-        with self._state_lock:
-            img = self._images.get(image_id) if isinstance(image_id, str) else None
-            if img is None:
-                raise RequestError(410, "that image is no longer on the server (it restarted or dropped "
-                                        "old uploads); upload it again")
-            self._images.move_to_end(image_id)
-            return img
+        return None if image_id is None else self.get_input("image", image_id)
+
+    def request_bytes(self, json_bytes: int) -> int:
+        """The largest question body: ``json_bytes`` of text plus one base64 file per modality."""
+        return json_bytes + sum(4 * (self.limits.upload_bytes(n) + 2) // 3 + 1024 for n in self.modalities)
 
     # -- questions -----------------------------------------------------------------------------
     def parse_question(self, body: bytes) -> dict:
-        """JSON ``{question, image_id?, history?, settings?}`` -> checked chat arguments."""
+        """JSON -> checked chat arguments, the inputs decoded.
+
+        ``{question, history?, settings?, inputs?: {modality: input_id}, files?: {modality:
+        {name, data: base64}}, image_id?}``: each modality's input is an earlier upload
+        (``inputs``) or a file sent along (``files``, decoded here with the modality's loader);
+        ``image_id`` is ``inputs.image``. Returns ``{question, inputs: {modality: [decoded]},
+        history, settings}``.
+        """
         try:
             req = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -277,11 +345,37 @@ class DemoApp:
         if len(question) > self.limits.max_question_chars:
             raise RequestError(400, f"the question is {len(question)} characters long; the limit is "
                                     f"{self.limits.max_question_chars}")
-        if IMAGE_PLACEHOLDER in question:
-            raise RequestError(400, f"remove {IMAGE_PLACEHOLDER!r} from the question: the image is attached for you")
-        return {"question": question.strip(), "image": self.get_image(req.get("image_id")),
-                "history": validate_history(req.get("history"), self.limits),
-                "settings": validate_settings(req.get("settings"))}
+        for m in modalities():
+            if m.placeholder in question:
+                raise RequestError(400, f"remove {m.placeholder!r} from the question: the {m.label} is attached "
+                                        "for you")
+        history = validate_history(req.get("history"), self.limits)
+        settings = validate_settings(req.get("settings"))
+        ids, files = req.get("inputs") or {}, req.get("files") or {}
+        if not isinstance(ids, dict) or not isinstance(files, dict):
+            raise RequestError(400, "inputs and files must be objects keyed by modality name")
+        if req.get("image_id") is not None:
+            ids = {**ids, "image": req["image_id"]}
+        inputs = {}
+        for name in list(ids) + [n for n in files if n not in ids]:
+            try:
+                self.served(name)
+            except RequestError as e:
+                raise RequestError(400, str(e)) from None
+            if name in ids and name in files:
+                raise RequestError(400, f"{name}: give an uploaded input id or a file, not both")
+            inputs[name] = [self.get_input(name, ids[name]) if name in ids else self._sent_file(name, files[name])]
+        return {"question": question.strip(), "inputs": inputs, "history": history, "settings": settings}
+
+    def _sent_file(self, name: str, sent: Any):
+        if not isinstance(sent, dict) or not isinstance(sent.get("data"), str):
+            raise RequestError(400, f"files.{name} must be {{name, data: base64}}")
+        filename = str(sent.get("name") or "upload")[:200]
+        try:
+            data = base64.b64decode(sent["data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, f"files.{name} ({filename}): data is not base64") from None
+        return self.decode(name, data, filename)
 
     def answer(self, request: dict, emit: Callable[[str, Any], None]) -> str:
         """Answer a :meth:`parse_question` result, streaming through ``emit(event, data)``; call it
@@ -292,21 +386,10 @@ class DemoApp:
         pieces. Returns the answer; exceptions (including :class:`ClientGone` from ``emit``)
         propagate after the model is released.
         """
-        with self._state_lock:
-            free = self._model_lock.acquire(blocking=False)
-            if not free:
-                self._waiting += 1
-                ahead = self._waiting  # the question being answered + those queued before this one
-        if not free:
-            try:
-                emit("queued", {"ahead": ahead})
-                self._model_lock.acquire()
-            finally:
-                with self._state_lock:
-                    self._waiting -= 1
-        try:
+        with self.model_turn(lambda ahead: emit("queued", {"ahead": ahead})):
             t0 = time.perf_counter()
-            images = [request["image"]] if request["image"] is not None else []
+            inputs = dict(request["inputs"])
+            images = inputs.pop("image", [])
             begun = []
 
             def send(event: str, data) -> None:  # "start" goes first, once the prompt is known to fit
@@ -317,7 +400,7 @@ class DemoApp:
                     emit(event, data)
 
             try:
-                answer = self.vlm.chat(request["question"], images=images, history=request["history"],
+                answer = self.vlm.chat(request["question"], images=images, inputs=inputs, history=request["history"],
                                        stream=lambda piece: send("token", piece),
                                        notice=lambda message: send("notice", {"message": message}),
                                        **request["settings"])
@@ -329,6 +412,26 @@ class DemoApp:
             send("", None)
             log.info("answered in %.1f s", time.perf_counter() - t0)
             return answer
+
+    @contextmanager
+    def model_turn(self, queued: Optional[Callable[[int], None]] = None):
+        """Hold the model: at once when it is free, else after ``queued(ahead)`` and a wait (call
+        it within :meth:`admission`, which bounds the queue)."""
+        with self._state_lock:
+            free = self._model_lock.acquire(blocking=False)
+            if not free:
+                self._waiting += 1
+                ahead = self._waiting  # the question being answered + those queued before this one
+        if not free:
+            try:
+                if queued is not None:
+                    queued(ahead)
+                self._model_lock.acquire()
+            finally:
+                with self._state_lock:
+                    self._waiting -= 1
+        try:
+            yield
         finally:
             self._model_lock.release()
 

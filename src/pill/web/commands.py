@@ -45,7 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import Limits
     from .server import serve
 
-    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                    max_input_bytes={name: int(mb * 2**20) for name, mb in args.max_input_mb})
     if args.run:
         check_run_dir(args.run)  # before the "loading" line, so that a bad --run is the only line printed
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -57,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"pill demo: open {server.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
 
     try:
-        serve(vlm, args.host, args.port, info=info, limits=limits, ready=ready)
+        serve(vlm, args.host, args.port, info=info, limits=limits, ready=ready, api_key=args.api_key)
     except OSError as e:
         raise PillError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     except KeyboardInterrupt:
@@ -75,6 +76,13 @@ def _positive_mb(text: str) -> float:
     return value
 
 
+def _modality_mb(text: str) -> tuple[str, float]:
+    name, sep, mb = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected MODALITY=MB, e.g. audio=20, got {text!r}")
+    return name.strip(), _positive_mb(mb)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``pill serve`` to the ``pill`` parser."""
     p = sub.add_parser("serve", help="web demo: ask the model about an image in the browser",
@@ -85,8 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=port, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=_positive_mb, default=10.0, metavar="N",
-                   help="largest image upload in MB (default 10)")
+                   help="largest upload in MB, of any modality (default 10)")
+    p.add_argument("--max-input-mb", type=_modality_mb, action="append", default=[], metavar="MODALITY=MB",
+                   help="largest upload of one modality in MB, e.g. audio=20 (repeatable)")
     p.add_argument("--max-pixels", type=positive_int, default=4096 * 4096, metavar="N",
                    help="largest image in pixels, width x height (default 16777216 = 4096 x 4096)")
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.add_argument("--api-key", metavar="KEY", default=None,
+                   help="require 'Authorization: Bearer KEY' on the OpenAI-compatible /v1/ API (default: none)")
     p.set_defaults(func=_serve)

@@ -6,9 +6,14 @@ Routes:
     GET  /examples/NAME         bundled example images; /examples/examples.json lists them
     GET  /api/info              model, limits, settings ranges (JSON)
     GET  /api/gates.png         the run's gate plot (404 without one)
-    POST /api/image             body: the image file's bytes -> {image_id, width, height}
-    POST /api/chat              JSON {question, image_id?, history?, settings?} -> text/event-stream
-                                of ``queued``, ``start``, ``token``, then ``done`` or ``error``
+    GET  /v1/models             the served model, OpenAI style (:mod:`pill.web.openai_api`)
+    POST /v1/chat/completions   OpenAI Chat Completions (JSON, or SSE with ``stream: true``)
+    POST /api/upload/MODALITY   body: one file of a modality the model reads (``image``, ...) ->
+                                {input_id, modality, name, ...what the modality describes}
+    POST /api/image             the same for an image, its id also as ``image_id``
+    POST /api/chat              JSON {question, inputs?: {modality: input_id}, files?: {modality:
+                                {name, data: base64}}, history?, settings?} -> text/event-stream of
+                                ``queued``, ``start``, ``notice``, ``token``, then ``done`` or ``error``
 
 Errors before an answer starts are JSON ``{"error": message}`` with a 4xx/5xx status; errors
 while answering arrive as an ``error`` event. Either way the server keeps serving.
@@ -23,13 +28,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import secrets
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlsplit
 
+from . import openai_api
 from .app import ClientGone, DemoApp, Limits, RequestError, too_large_message
 
 log = logging.getLogger("pill.web")
@@ -76,8 +84,10 @@ class DemoServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, app: DemoApp, host: str = "127.0.0.1", port: int = 7860):
+    def __init__(self, app: DemoApp, host: str = "127.0.0.1", port: int = 7860, api_key: Optional[str] = None):
         self.app = app
+        self.api_key = api_key  # required as "Authorization: Bearer KEY" by /v1/ routes when set
+        self.started = int(time.time())
         self.static = _files(STATIC_DIR)
         self.examples = _files(EXAMPLES_DIR)
         # Bound to loopback, only loopback names are accepted in the Host header: a web page
@@ -121,8 +131,18 @@ class DemoHandler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json")
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+    def _error(self, status: int, message: str, e: Optional[RequestError] = None) -> None:
+        if urlsplit(self.path).path.startswith("/v1/"):  # the API answers in OpenAI's error shape
+            self._json(status, openai_api.as_api_error(e or RequestError(status, message)).body())
+        else:
+            self._json(status, {"error": message})
+
+    def _key_ok(self) -> bool:
+        key = self.server.api_key
+        if not key:
+            return True
+        given = self.headers.get("Authorization", "")
+        return given.startswith("Bearer ") and secrets.compare_digest(given[7:].strip().encode(), key.encode())
 
     def _host_ok(self) -> bool:
         if not self.server.loopback_only:
@@ -176,13 +196,16 @@ class DemoHandler(BaseHTTPRequestHandler):
             if self.command == "POST" and not self._origin_ok():
                 raise RequestError(403, f"requests from another site (Origin {self.headers.get('Origin')}) "
                                         "are refused; open the demo at its own address")
+            if path.startswith("/v1/") and not self._key_ok():
+                raise openai_api.ApiError(401, "invalid or missing API key: send Authorization: Bearer KEY",
+                                          code="invalid_api_key")
             for route, handler in routes.items():  # "/x/" matches its whole folder, other routes one path
                 if path == route or (len(route) > 1 and route.endswith("/") and path.startswith(route)):
                     return handler(path[len(route):] if route.endswith("/") else path)
             raise RequestError(404, f"no such page: {path}")
         except RequestError as e:
             self._drain_unread()
-            self._error(e.status, str(e))
+            self._error(e.status, str(e), e)
         except (BrokenPipeError, ConnectionResetError, ClientGone):
             log.info("client went away during %s %s", self.command, path)
         except Exception as e:  # one broken request must never stop the server
@@ -198,13 +221,16 @@ class DemoHandler(BaseHTTPRequestHandler):
                         "/static/": lambda name: self._file(self.server.static, name),
                         "/examples/": lambda name: self._file(self.server.examples, name),
                         "/api/info": lambda _: self._json(200, self.server.app.public_info()),
-                        "/api/gates.png": self._gates})
+                        "/api/gates.png": self._gates,
+                        "/v1/models": lambda _: self._json(200, openai_api.models_reply(self.server.app.info,
+                                                                                        self.server.started))})
 
     def do_HEAD(self) -> None:
         self.do_GET()
 
     def do_POST(self) -> None:
-        self._dispatch({"/api/image": self._upload, "/api/chat": self._chat})
+        self._dispatch({"/api/image": lambda _: self._upload("image", id_as="image_id"), "/api/upload/": self._upload,
+                        "/api/chat": self._chat, "/v1/chat/completions": self._completions})
 
     def _file(self, files: dict[str, Path], name: str) -> None:
         path = files.get(name)
@@ -217,26 +243,30 @@ class DemoHandler(BaseHTTPRequestHandler):
             raise RequestError(404, "this model has no gate plot")
         self._send(200, self.server.app.gate_png, "image/png")
 
-    def _upload(self, _path) -> None:
-        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        # image/* or octet-stream only: both need a CORS preflight, so other sites cannot post here.
-        if not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-            raise RequestError(415, "send the image file itself (Content-Type image/*)")
+    def _upload(self, name: str, id_as: str = "") -> None:
         app = self.server.app
+        m = app.served(unquote(name))
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        # <mime>/* or octet-stream only: both need a CORS preflight, so other sites cannot post here.
+        if not app.accepts(m.name, ctype):
+            kinds = f"{m.mime}/* or application/octet-stream" if m.mime else "application/octet-stream"
+            raise RequestError(415, f"send the {m.label} file itself (Content-Type {kinds})")
+        limit = app.limits.upload_bytes(m.name)
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > app.limits.max_upload_bytes:  # 413 before 503: waiting will not help
-            raise RequestError(413, too_large_message(int(length), app.limits.max_upload_bytes))
+        if length.isdigit() and int(length) > limit:  # 413 before 503: waiting will not help
+            raise RequestError(413, too_large_message(int(length), limit, f"{m.label} file"))
         with app.admission():  # before the body is read: beyond the queue nothing is read or decoded
-            data = self._body(app.limits.max_upload_bytes, "file")
-            name = unquote(self.headers.get("X-File-Name", ""))[:200] or "upload"
-            reply = app.add_image(data, name=name)
-        self._json(200, reply)
+            data = self._body(limit, f"{m.label} file")
+            filename = unquote(self.headers.get("X-File-Name", ""))[:200] or "upload"
+            reply = app.add_input(m.name, data, filename)
+        self._json(200, {id_as: reply["input_id"], **reply} if id_as else reply)
 
     def _chat(self, _path) -> None:
         if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
             raise RequestError(415, "send the question as JSON (Content-Type application/json)")
-        with self.server.app.admission():
-            self._answer(self._body(MAX_JSON_BYTES, "request"))
+        app = self.server.app
+        with app.admission():  # files sent along are decoded within it
+            self._answer(self._body(app.request_bytes(MAX_JSON_BYTES), "request"))
 
     def _answer(self, body: bytes) -> None:
         app = self.server.app
@@ -281,21 +311,101 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+    def _completions(self, _path) -> None:
+        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+            raise openai_api.ApiError(415, "send the request as JSON (Content-Type application/json)")
+        app = self.server.app
+        limit = MAX_JSON_BYTES + openai_api.MAX_IMAGES * (4 * (app.limits.upload_bytes("image") + 2) // 3 + 64)
+        with app.admission():  # images are decoded within it
+            request = openai_api.parse_request(self._body(limit, "request"), app, openai_api.model_id(app.info))
+            cid, created, model = openai_api.completion_id(), openai_api.now(), openai_api.model_id(app.info)
+            if not request["stream"]:
+                text, finish, usage = openai_api.run(app, request)
+                self._json(200, openai_api.reply(cid, model, created, text, finish, usage))
+                return
+            started = False
+
+            def send(obj) -> None:
+                nonlocal started
+                if not started:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                    self.send_header("Cache-Control", "no-store")
+                    for k, v in SECURITY_HEADERS.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    started = True
+                    send(openai_api.chunk(cid, model, created, {"role": "assistant", "content": ""}))
+                try:
+                    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+                    self.wfile.write(b"data: " + data + b"\n\n")
+                    self.wfile.flush()
+                except OSError as e:
+                    raise ClientGone() from e
+
+            try:
+                def piece(text: str) -> None:
+                    send(openai_api.chunk(cid, model, created, {"content": text}))
+
+                text, finish, usage = openai_api.run(app, request, on_piece=piece)
+            except RequestError as e:
+                if not started:
+                    raise
+                send(openai_api.as_api_error(e).body())
+                send(b"[DONE]")
+                return
+            except ClientGone:
+                log.info("client went away; answer abandoned")
+                return
+            except Exception as e:
+                log.exception("generation failed")
+                error = openai_api.ApiError(500, f"the model failed: {type(e).__name__}: {e}")
+                if not started:
+                    raise error from e
+                send(error.body())
+                send(b"[DONE]")
+                return
+            send(openai_api.chunk(cid, model, created, {}, finish))
+            if request["include_usage"]:
+                send(openai_api.chunk(cid, model, created, {}, usage=usage))
+            send(b"[DONE]")
+            self.close_connection = True
+
+
+def return_large_buffers_to_the_os(threshold: int = 4 << 20) -> bool:
+    """On glibc, serve allocations of ``threshold`` bytes and more from their own mappings, which go
+    back to the operating system when freed. glibc raises that threshold on its own after such a
+    buffer is freed, after which decoded uploads (64 MB for a 4096 x 4096 image) come from the
+    per-thread heaps and stay there: 9 uploads decoded one after another in 9 handler threads
+    then held 1.4 GB instead of 0.23 GB. Process-wide, so :func:`serve` calls it, not
+    :func:`make_server`. Returns whether it applied (False off glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD (fixing it also stops its adjustment)
+
+
 def make_server(vlm_or_app, host: str = "127.0.0.1", port: int = 7860, info: Optional[dict] = None,
-                limits: Optional[Limits] = None) -> DemoServer:
+                limits: Optional[Limits] = None, api_key: Optional[str] = None) -> DemoServer:
     """A bound, not yet serving, demo server; ``port=0`` picks a free port (see ``.url``).
 
     ``vlm_or_app``: a :class:`~pill.vlm.PillVLM` (wrapped in a :class:`DemoApp` with ``info`` and
-    ``limits``) or a ready :class:`DemoApp`.
+    ``limits``) or a ready :class:`DemoApp`. ``api_key``: required by the ``/v1/`` API as
+    ``Authorization: Bearer KEY`` (None: no key).
     """
     app = vlm_or_app if isinstance(vlm_or_app, DemoApp) else DemoApp(vlm_or_app, info, limits)
-    return DemoServer(app, host, port)
+    return DemoServer(app, host, port, api_key)
 
 
 def serve(vlm, host: str = "127.0.0.1", port: int = 7860, info: Optional[dict] = None,
-          limits: Optional[Limits] = None, ready=None) -> None:
+          limits: Optional[Limits] = None, ready=None, api_key: Optional[str] = None) -> None:
     """Serve the demo until interrupted. ``ready(server)`` is called once it listens."""
-    server = make_server(vlm, host, port, info, limits)
+    return_large_buffers_to_the_os()
+    server = make_server(vlm, host, port, info, limits, api_key)
     if not server.loopback_only:
         log.warning("serving on %s: anyone who can reach this address can use the model", host)
     if ready is not None:

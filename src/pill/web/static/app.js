@@ -1,9 +1,12 @@
-// The PILL demo page: upload an image, ask questions, read the answer as it streams in.
+// The PILL demo page: upload an image (and an input of each other modality the model reads), ask
+// questions, read the answer as it streams in.
 // The server checks everything again; the checks here only save a round trip.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, imageId: null, history: [], busy: false, abort: null };
+// inputs: modality name -> id of its upload on the server; modalities: name -> {label, max_upload_bytes, ...}
+const state = { info: null, inputs: {}, modalities: {}, history: [], busy: false, abort: null };
+const capitalised = (text) => text.charAt(0).toUpperCase() + text.slice(1);
 
 // ---- messages ---------------------------------------------------------------------------
 function showError(message) {
@@ -18,7 +21,9 @@ function showNotice(message) {
   box.hidden = !message;
 }
 function formatCount(n) { return n.toLocaleString("en-US"); }
-function formatMB(bytes) { return (bytes / 1048576).toFixed(1) + " MB"; }
+function formatMB(bytes) {
+  return bytes < 1048576 ? (bytes / 1024).toFixed(1) + " KB" : (bytes / 1048576).toFixed(1) + " MB";
+}
 
 // ---- model info and settings ------------------------------------------------------------
 async function loadInfo() {
@@ -61,8 +66,12 @@ async function loadInfo() {
   $("greedy").checked = s.greedy.default;
   syncSampling();
   $("question").maxLength = info.limits.max_question_chars;
+  for (const m of info.modalities) state.modalities[m.name] = m;
+  const image = state.modalities.image;
+  $("drop-zone").hidden = $("examples").hidden = !image;
+  setupOtherInputs(info.modalities.filter((m) => m.name !== "image"));
   $("limits-note").textContent =
-    `Up to ${formatMB(info.limits.max_upload_bytes)} and ${formatCount(info.limits.max_pixels)} pixels.`
+    (image ? `Up to ${formatMB(image.max_upload_bytes)} and ${formatCount(info.limits.max_pixels)} pixels.` : "")
     + (info.limits.context_tokens ? ` The model reads at most ${formatCount(info.limits.context_tokens)} tokens:`
        + " beyond that the oldest turns of a conversation are left out." : "");
 }
@@ -89,20 +98,25 @@ function readSettings() {
   return out;
 }
 
-// ---- images -----------------------------------------------------------------------------
-async function useFile(file, suggestedQuestion) {
+// ---- inputs -----------------------------------------------------------------------------
+// One file of modality `name` (default: the image) -> the server decodes it with that modality's
+// loader and keeps it; a new input starts a new conversation.
+async function useFile(file, suggestedQuestion, name = "image") {
   showError("");
-  const limit = state.info.limits.max_upload_bytes;
+  const m = state.modalities[name];
+  const limit = m.max_upload_bytes;
+  const previous = state.inputs[name] ? ` The previous ${m.label} is still in use.` : "";
   if (file.size > limit) {
-    showError(`${file.name}: the file is ${formatMB(file.size)}; the limit is ${formatMB(limit)}.`);
+    showError(`${file.name}: the file is ${formatMB(file.size)}; the limit is ${formatMB(limit)}.${previous}`);
     return;
   }
   setStatus(`Uploading ${file.name}…`);
   let reply;
+  const family = m.accept ? m.accept.replace("*", "") : null;
   try {
-    const resp = await fetch("/api/image", {
+    const resp = await fetch(`/api/upload/${encodeURIComponent(name)}`, {
       method: "POST", body: file,
-      headers: { "Content-Type": file.type && file.type.startsWith("image/") ? file.type : "application/octet-stream",
+      headers: { "Content-Type": family && file.type && file.type.startsWith(family) ? file.type : "application/octet-stream",
                  "X-File-Name": encodeURIComponent(file.name).slice(0, 200) },
     });
     reply = await resp.json().catch(() => ({ error: `the server answered ${resp.status}` }));
@@ -110,19 +124,26 @@ async function useFile(file, suggestedQuestion) {
   } catch (err) {
     setStatus("");
     const message = err.message.startsWith(file.name) ? err.message : `${file.name}: ${err.message}`;
-    showError(message + (state.imageId ? ". The previous image is still in use." : ""));
-    return;  // the previous image, if any, stays in place
+    showError(message + "." + previous);
+    return;  // the previous input, if any, stays in place
   }
   stopAnswer();
-  state.imageId = reply.image_id;
-  const preview = $("preview");
-  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
-  preview.src = URL.createObjectURL(file);
-  preview.hidden = false;
-  preview.dataset.imageId = reply.image_id;
-  $("image-caption").textContent = `${file.name} · ${reply.width} × ${reply.height}`;
+  state.inputs[name] = reply.input_id;
+  const summary = reply.summary ? ` (${reply.summary})` : "";
+  if (name === "image") {
+    const preview = $("preview");
+    if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+    preview.src = URL.createObjectURL(file);
+    preview.hidden = false;
+    preview.dataset.imageId = reply.input_id;
+    $("image-caption").textContent = `${file.name}` + (reply.summary ? ` · ${reply.summary}` : "");
+  } else {
+    const caption = $(`caption-${name}`);
+    caption.textContent = `${file.name}${summary}`;
+    caption.dataset.inputId = reply.input_id;
+  }
   clearConversation();
-  setStatus(`Image: ${file.name} (${reply.width} × ${reply.height}). Ask a question about it.`);
+  setStatus(`${capitalised(m.label)}: ${file.name}${summary}. Ask a question about it.`);
   if (suggestedQuestion) $("question").value = suggestedQuestion;
   $("question").focus();
 }
@@ -145,6 +166,34 @@ async function loadExamples() {
       await useFile(new File([blob], ex.file, { type: "image/png" }), ex.question);
     });
     $("examples").append(button);
+  }
+}
+
+// A file chooser and a caption for each modality besides the image.
+function setupOtherInputs(list) {
+  const box = $("other-inputs");
+  box.replaceChildren();
+  box.hidden = !list.length;
+  for (const m of list) {
+    const row = document.createElement("div");
+    row.className = "input-row";
+    const label = document.createElement("label");
+    label.htmlFor = `file-input-${m.name}`;
+    label.textContent = `${capitalised(m.label)} (up to ${formatMB(m.max_upload_bytes)}):`;
+    const input = document.createElement("input");
+    input.type = "file";
+    input.id = `file-input-${m.name}`;
+    input.dataset.modality = m.name;
+    if (m.accept) input.accept = m.accept;
+    input.addEventListener("change", (e) => {
+      if (e.target.files.length) useFile(e.target.files[0], null, m.name);
+      e.target.value = "";
+    });
+    const caption = document.createElement("span");
+    caption.id = `caption-${m.name}`;
+    caption.className = "small";
+    row.append(label, input, caption);
+    box.append(row);
   }
 }
 
@@ -246,7 +295,7 @@ async function ask(e) {
   try {
     const resp = await fetch("/api/chat", {
       method: "POST", signal: controller.signal, headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ question, image_id: state.imageId, history: state.history, settings }),
+      body: JSON.stringify({ question, inputs: state.inputs, history: state.history, settings }),
     });
     if (!resp.ok) {
       const reply = await resp.json().catch(() => ({}));
@@ -283,7 +332,11 @@ async function ask(e) {
 function clearAll() {
   stopAnswer();
   clearConversation();
-  state.imageId = null;
+  state.inputs = {};
+  for (const caption of document.querySelectorAll("#other-inputs .input-row span")) {
+    caption.textContent = "";
+    delete caption.dataset.inputId;
+  }
   const preview = $("preview");
   if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
   preview.removeAttribute("src");
@@ -292,7 +345,7 @@ function clearAll() {
   $("image-caption").textContent = "";
   $("question").value = "";
   showError("");
-  setStatus("Cleared. Upload or pick an image to start again.");
+  setStatus("Cleared. Upload or pick an input to start again.");
 }
 
 // ---- start ------------------------------------------------------------------------------
