@@ -7,8 +7,9 @@ Layout of a run directory::
                               fingerprints, config)
     metrics.jsonl             one JSON object per logged step
     checkpoints/step-000100/  resumable states: pill.safetensors + state.json and state.safetensors
-                              (optimizer, scheduler, RNG states, data position); the last
-                              ``keep_last`` are kept
+                              (optimizer, scheduler, RNG states, data position) + COMPLETE (the
+                              step and each file's SHA-256, written last); the last ``keep_last``
+                              are kept
 
 Nothing in a run directory is unpickled: a resume state is JSON plus a safetensors file of its
 tensors, so a planted file can never run code when it is loaded. Every write goes to a temporary
