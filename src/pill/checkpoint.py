@@ -203,9 +203,13 @@ def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def encode_state(state: dict) -> tuple[str, bytes]:
     """A resume state (nested dicts, lists, tuples, numbers, tensors, numpy arrays) -> (JSON text,
     safetensors bytes of its tensors)."""
-    tensors: dict[str, torch.Tensor] = {}
-    text = json.dumps(_pack(state, tensors))
+    text, tensors = _encode_state(state)
     return text, _safetensors_payload(tensors)
+
+
+def _encode_state(state: dict) -> tuple[str, dict[str, torch.Tensor]]:
+    tensors: dict[str, torch.Tensor] = {}
+    return json.dumps(_pack(state, tensors)), tensors
 
 
 def decode_state(text: str, payload: bytes) -> dict:
@@ -221,9 +225,10 @@ def save_resume_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor]
     CheckpointError, and so is a failed write (a full disk): the checkpoints already there stay."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
-    text, payload = encode_state(state)
+    text, state_tensors = _encode_state(state)
     _check_finite(tensors, final / WEIGHTS)
-    _check_finite(load_safetensors_bytes(payload), final / STATE_TENSORS)
+    _check_finite(state_tensors, final / STATE_TENSORS)
+    payload = _safetensors_payload(state_tensors)
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
