@@ -369,3 +369,20 @@ def test_skip_bad_skips_and_counts_an_unreadable_llava_image(tiny_run_config, tm
     cfg["data"] = {**data, "skip_bad": False}
     with pytest.raises(DataError, match="2.png"):
         train(TrainConfig.from_dict(cfg), tmp_path / "run2", max_steps=1, progress=False)
+
+
+def test_the_run_config_is_written_atomically(tmp_path, monkeypatch):
+    from pill.runconfig import TrainConfig, load_config, save_config
+
+    path = tmp_path / "config.yaml"
+    save_config(TrainConfig.from_dict({"data": {"root": "."}}), path)
+    before = path.read_text()
+
+    def fail(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("pill.io.os.replace", fail)
+    with pytest.raises(OSError):
+        save_config(TrainConfig.from_dict({"data": {"root": "elsewhere"}}), path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    assert load_config(path).data.root == "."

@@ -7,8 +7,9 @@ Layout of a run directory::
                               fingerprints, config)
     metrics.jsonl             one JSON object per logged step
     checkpoints/step-000100/  resumable states: pill.safetensors + state.json and state.safetensors
-                              (optimizer, scheduler, RNG states, data position); the last
-                              ``keep_last`` are kept
+                              (optimizer, scheduler, RNG states, data position) + COMPLETE (the
+                              step and each file's SHA-256, written last); the last ``keep_last``
+                              are kept
 
 Nothing in a run directory is unpickled: a resume state is JSON plus a safetensors file of its
 tensors, so a planted file can never run code when it is loaded. Every write goes to a temporary
@@ -202,9 +203,13 @@ def _unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def encode_state(state: dict) -> tuple[str, bytes]:
     """A resume state (nested dicts, lists, tuples, numbers, tensors, numpy arrays) -> (JSON text,
     safetensors bytes of its tensors)."""
-    tensors: dict[str, torch.Tensor] = {}
-    text = json.dumps(_pack(state, tensors))
+    text, tensors = _encode_state(state)
     return text, _safetensors_payload(tensors)
+
+
+def _encode_state(state: dict) -> tuple[str, dict[str, torch.Tensor]]:
+    tensors: dict[str, torch.Tensor] = {}
+    return json.dumps(_pack(state, tensors)), tensors
 
 
 def decode_state(text: str, payload: bytes) -> dict:
@@ -220,9 +225,10 @@ def save_resume_state(run_dir: Path, step: int, tensors: dict[str, torch.Tensor]
     CheckpointError, and so is a failed write (a full disk): the checkpoints already there stay."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
-    text, payload = encode_state(state)
+    text, state_tensors = _encode_state(state)
     _check_finite(tensors, final / WEIGHTS)
-    _check_finite(load_safetensors_bytes(payload), final / STATE_TENSORS)
+    _check_finite(state_tensors, final / STATE_TENSORS)
+    payload = _safetensors_payload(state_tensors)
     tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)

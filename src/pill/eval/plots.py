@@ -55,11 +55,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _save(fig: Figure, out_path: str | Path) -> Path:
+    import io
+
+    from ..io import write_atomic
+
     out_path = Path(out_path)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         FigureCanvasAgg(fig)
-        fig.savefig(out_path, format="png", dpi=120)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        write_atomic(out_path, buf.getvalue())
     except OSError as e:
         raise DataError(f"{out_path}: cannot write the figure ({e.strerror or e})") from None
     return out_path
