@@ -16,9 +16,10 @@ built from a config with random weights (nothing is downloaded, nothing is insta
     with the number of layers.
 (b) Speed and memory at LLaMA-2-7B shapes (d 4096, 32 layers, 32 heads, vocab 32000), random
     bf16 weights shared by every contender, batch 4 x 512 with 32 visual tokens per row (BLIP-2's
-    Q-Former: width 768), AdamW: PILL stage 2 eager and compiled (``train.compile``), the
-    frozen bound (projector only, gradient through the frozen LLM), PEFT LoRA r = 8 on q and v,
-    and the reference code's compute-all experts, interleaved. Step-time ratios, generation
+    Q-Former: width 768), AdamW: PILL stage 2 eager, compiled (``train.compile``) and with W_g
+    and W_d as one matmul (``bench/experiments.py``'s ``fused_adapter``), the frozen bound
+    (projector only, gradient through the frozen LLM), PEFT LoRA r = 8 on q and v, and the
+    reference code's compute-all experts, interleaved. Step-time ratios, generation
     tokens/s against the base model, peak GPU memory against the frozen bound, the frozen
     bound's MFU, and the ScienceQA epoch extrapolated from the step time.
 
@@ -55,7 +56,7 @@ SHAPES = {
                   d_vpg=32, gen_text=8, gen_tokens=4, warmup=1, reps=2, gen_warmup=0, gen_reps=1),
 }
 BF16_TIE = 2e-2  # a top-2 logit margin this small is within bf16 rounding: either greedy token is right
-CONTENDERS = ("pill", "pill_compiled", "frozen", "lora_qv", "compute_all")
+CONTENDERS = ("pill", "pill_compiled", "pill_fused", "frozen", "lora_qv", "compute_all")
 SCIENCEQA_TRAIN = 12726  # training problems (design note, section 5)
 PAPER_EPOCHS = 20
 LAVIN_7B_HOURS = 1.4  # LaVIN-7B's published ScienceQA training time
@@ -355,7 +356,7 @@ def build_contenders(base: nn.Module, s: dict, names, device: torch.device, comp
 
     out = {}
     for name in names:
-        if name in ("pill", "pill_compiled", "compute_all"):
+        if name in ("pill", "pill_compiled", "pill_fused", "compute_all"):
             m = _vlm(shared_copy(base), s["K"], s["d_vpg"])
             m.set_stage("finetune")
             m.enable_plugin_recompute(True)  # as `pill train` runs stage 2 (train.recompute_plugins)
@@ -445,6 +446,13 @@ def bench_speed(s: dict, device: torch.device, args, result: dict, save: Callabl
     batch = _batch(s["vocab"], s["batch"], s["length"], s["K"], s["d_vpg"], device)
     memory = {n: {} for n in modules}
     steps = {n: _step_fn(m, opts[n], batch, device, memory[n]) for n, m in modules.items()}
+    if "pill_fused" in steps:  # W_g and W_d as one d -> 2r matmul (bench/experiments.py's patch), this step only
+        from bench.experiments import patched
+
+        def fused(step=steps["pill_fused"]):
+            with patched("fused_adapter"):
+                return step()
+        steps["pill_fused"] = fused
     out["trainable"] = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in modules.items()}
 
     # first call of each contender alone: the compiled one compiles here
@@ -464,8 +472,8 @@ def bench_speed(s: dict, device: torch.device, args, result: dict, save: Callabl
 
     times = interleave(steps, s["warmup"], s["reps"], device, log=None)
     out["step_time"] = {n: summary(v) for n, v in times.items()}
-    rows = [("pill", "frozen"), ("pill_compiled", "frozen"), ("pill_compiled", "pill"), ("pill", "lora_qv"),
-            ("compute_all", "pill"), ("lora_qv", "frozen")]
+    rows = [("pill", "frozen"), ("pill_compiled", "frozen"), ("pill_compiled", "pill"), ("pill_fused", "pill"),
+            ("pill", "lora_qv"), ("compute_all", "pill"), ("lora_qv", "frozen")]
     out["step_time_ratios"] = {f"{a}/{b}": ratio(times[a], times[b]) for a, b in rows if a in times and b in times}
     for n, v in out["step_time"].items():
         _log(f"  step {n}: {v['median_s'] * 1e3:.1f} ms")
