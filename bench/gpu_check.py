@@ -16,9 +16,10 @@ built from a config with random weights (nothing is downloaded, nothing is insta
     with the number of layers.
 (b) Speed and memory at LLaMA-2-7B shapes (d 4096, 32 layers, 32 heads, vocab 32000), random
     bf16 weights shared by every contender, batch 4 x 512 with 32 visual tokens per row (BLIP-2's
-    Q-Former: width 768), AdamW: PILL stage 2 eager and compiled (``train.compile``), the
-    frozen bound (projector only, gradient through the frozen LLM), PEFT LoRA r = 8 on q and v,
-    and the reference code's compute-all experts, interleaved. Step-time ratios, generation
+    Q-Former: width 768), AdamW: PILL stage 2 eager, compiled (``train.compile``) and with W_g
+    and W_d as one matmul (``bench/experiments.py``'s ``fused_adapter``), the frozen bound
+    (projector only, gradient through the frozen LLM), PEFT LoRA r = 8 on q and v, and the
+    reference code's compute-all experts, interleaved. Step-time ratios, generation
     tokens/s against the base model, peak GPU memory against the frozen bound, the frozen
     bound's MFU, and the ScienceQA epoch extrapolated from the step time.
 
@@ -55,7 +56,7 @@ SHAPES = {
                   d_vpg=32, gen_text=8, gen_tokens=4, warmup=1, reps=2, gen_warmup=0, gen_reps=1),
 }
 BF16_TIE = 2e-2  # a top-2 logit margin this small is within bf16 rounding: either greedy token is right
-CONTENDERS = ("pill", "pill_compiled", "frozen", "lora_qv", "compute_all")
+CONTENDERS = ("pill", "pill_compiled", "pill_fused", "frozen", "lora_qv", "compute_all")
 SCIENCEQA_TRAIN = 12726  # training problems (design note, section 5)
 PAPER_EPOCHS = 20
 LAVIN_7B_HOURS = 1.4  # LaVIN-7B's published ScienceQA training time
@@ -168,8 +169,7 @@ def _kernels(fn: Callable[[], object], device: torch.device) -> list[str]:
     """The scaled-dot-product-attention ops that ``fn()`` runs (aten names)."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # the aten dispatch records name the kernel
         fn()
         _sync(device)
     return sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key})
@@ -355,7 +355,7 @@ def build_contenders(base: nn.Module, s: dict, names, device: torch.device, comp
 
     out = {}
     for name in names:
-        if name in ("pill", "pill_compiled", "compute_all"):
+        if name in ("pill", "pill_compiled", "pill_fused", "compute_all"):
             m = _vlm(shared_copy(base), s["K"], s["d_vpg"])
             m.set_stage("finetune")
             m.enable_plugin_recompute(True)  # as `pill train` runs stage 2 (train.recompute_plugins)
@@ -445,6 +445,13 @@ def bench_speed(s: dict, device: torch.device, args, result: dict, save: Callabl
     batch = _batch(s["vocab"], s["batch"], s["length"], s["K"], s["d_vpg"], device)
     memory = {n: {} for n in modules}
     steps = {n: _step_fn(m, opts[n], batch, device, memory[n]) for n, m in modules.items()}
+    if "pill_fused" in steps:  # W_g and W_d as one d -> 2r matmul (bench/experiments.py's patch), this step only
+        from bench.experiments import patched
+
+        def fused(step=steps["pill_fused"]):
+            with patched("fused_adapter"):
+                return step()
+        steps["pill_fused"] = fused
     out["trainable"] = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in modules.items()}
 
     # first call of each contender alone: the compiled one compiles here
@@ -453,19 +460,28 @@ def bench_speed(s: dict, device: torch.device, args, result: dict, save: Callabl
         t = time.perf_counter()
         try:
             fn()
-        except torch.cuda.OutOfMemoryError as e:  # noqa: PERF203
-            out.setdefault("errors", {})[n] = f"out of memory: {str(e).splitlines()[0]}"
-            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 -- one contender failing (OOM, a compiler error) ends only its row
+            out.setdefault("errors", {})[n] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            for o in (opts[n],):
+                o.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         _sync(device)
         out["first_step_s"][n] = round(time.perf_counter() - t, 2)
         _log(f"  first step {n}: {out['first_step_s'][n]} s")
     steps = {n: fn for n, fn in steps.items() if n not in out.get("errors", {})}
     save()
 
-    times = interleave(steps, s["warmup"], s["reps"], device, log=None)
+    # as many rounds as the budget allows (the first steps, compilation aside, bound a round's time)
+    round_s = sum(v for n, v in out["first_step_s"].items() if n in steps and n != "pill_compiled")
+    warmup, reps = s["warmup"], s["reps"]
+    while reps > 2 and (warmup + reps) * round_s > time_left() - 45:
+        reps -= 1
+    out["rounds"] = {"warmup": warmup, "reps": reps}
+    times = interleave(steps, warmup, reps, device, log=None)
     out["step_time"] = {n: summary(v) for n, v in times.items()}
-    rows = [("pill", "frozen"), ("pill_compiled", "frozen"), ("pill_compiled", "pill"), ("pill", "lora_qv"),
-            ("compute_all", "pill"), ("lora_qv", "frozen")]
+    rows = [("pill", "frozen"), ("pill_compiled", "frozen"), ("pill_compiled", "pill"), ("pill_fused", "pill"),
+            ("pill", "lora_qv"), ("compute_all", "pill"), ("lora_qv", "frozen")]
     out["step_time_ratios"] = {f"{a}/{b}": ratio(times[a], times[b]) for a, b in rows if a in times and b in times}
     for n, v in out["step_time"].items():
         _log(f"  step {n}: {v['median_s'] * 1e3:.1f} ms")
@@ -576,6 +592,8 @@ def markdown(result: dict) -> str:
             r = sp.get("peak_memory_ratio_vs_frozen", {}).get(n)
             lines.append(f"| {n} | {v['median_s'] * 1e3:.1f} | {sp['first_step_s'][n]:.1f} | {sp['trainable'][n]:,} | "
                          + (f"{pk / 2**30:.2f} | {r:.3f} |" if pk else "n/a | n/a |"))
+        if sp.get("errors"):
+            lines += [""] + [f"- {n} failed: {e}" for n, e in sp["errors"].items()]
         lines += ["", "| step-time ratio | median | min |", "|---|---:|---:|"]
         for k, v in sp["step_time_ratios"].items():
             lines.append(f"| {k} | {v['median']:.3f} | {v['min']:.3f} |")

@@ -20,10 +20,12 @@ with fused (flash) attention no T x T matrix is kept. Per decoder layer and toke
                         + 3 * 2f            SwiGLU MLP: gate, up, silu(gate) (bf16)
     PILL, plug-in activations kept (``train.recompute_plugins: false``), per token:
                           2d + 4 * 2r       attention adapter: its input n1 and 4 r-wide tensors
-                        + 2d + 4 * 2r + 8   MoMAE: the gathered n2, 4 r-wide tensors, the row index
+                        + 2d + 4 * 2r       MoMAE: the gathered n2, 4 r-wide tensors
+                                            (the rows of each modality are found once per
+                                            forward and shared by all layers)
                         and per image token:
-                          2d                MAG: the gathered attention input a (the row index
-                                            is found once per forward and shared by all layers)
+                          2d                MAG: the gathered attention input a (its row index
+                                            is the same shared one)
                         + 2 n_kv + 2 d_kv   tanh(g) and the image rows of v
     PILL as ``pill train`` runs it (``train.recompute_plugins``: norm + plug-in recomputed in
     backward): the two RMSNorms keep nothing (-2 * (4d + 4)); instead each recomputed block
@@ -80,7 +82,7 @@ def layer_bytes_per_token(s: Shapes, pill: bool, recompute: bool = True) -> dict
     if recompute:
         return {"text": frozen - norms + 2 * 2 * s.d, "image_extra": mag}
     adapter = 2 * s.d + 4 * 2 * s.r
-    momae = 2 * s.d + 4 * 2 * s.r + 8
+    momae = 2 * s.d + 4 * 2 * s.r  # the per-modality row indices are shared by all layers
     return {"text": frozen + adapter + momae, "image_extra": mag}
 
 

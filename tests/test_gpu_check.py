@@ -27,8 +27,9 @@ def test_smoke_runs_every_check_and_contender(tmp_path):
         assert checks <= set(f) and all(f[c]["ok"] for c in checks), f
     assert r["correctness"]["ok"] is True and r["skipped"] == []
     sp = r["speed"]
-    assert set(sp["step_time"]) == {"pill", "pill_compiled", "frozen", "lora_qv", "compute_all"}
-    assert {"pill/frozen", "pill_compiled/frozen", "pill/lora_qv", "compute_all/pill"} <= set(sp["step_time_ratios"])
+    assert set(sp["step_time"]) == {"pill", "pill_compiled", "pill_fused", "frozen", "lora_qv", "compute_all"}
+    assert {"pill/frozen", "pill_compiled/frozen", "pill_fused/pill", "pill/lora_qv",
+            "compute_all/pill"} <= set(sp["step_time_ratios"])
     assert sp["trainable"]["pill"] == sp["trainable"]["pill_compiled"] == sp["trainable"]["compute_all"]
     assert sp["generation"]["ratio_tokens_per_s_vs_base"]["median"] > 0
     q = sp["scienceqa_extrapolation"]

@@ -250,8 +250,10 @@ class RunConfig:
     # recompute norm + plug-ins in backward instead of keeping their activations: the plugged
     # model's activation memory stays within a few per cent of the frozen model's (BENCHMARKS.md)
     recompute_plugins: bool = True
-    # torch.compile every decoder layer (PillVLM.compile_layers); the first steps pay the
-    # compilation. Off by default: measured slower on CPU and unmeasured on GPU (BENCHMARKS.md)
+    # torch.compile every decoder layer (PillVLM.compile_layers). On a 2-core CPU a 4 x 512 stage-2
+    # step took 0.68x the eager time after a first step of 268 s (BENCHMARKS.md, "GPU readiness").
+    # Off by default: short runs (the demo, tests) do not earn the compilation back, a new batch
+    # shape recompiles once, and on GPU it is unmeasured
     compile: bool = False
     save_every: int = 100  # optimizer steps between resumable checkpoints
     keep_last: int = 2
