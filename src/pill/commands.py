@@ -12,14 +12,17 @@ from .errors import ConfigError, PillError
 
 
 def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: str = "finetune",
-                     config: Optional[PillConfig] = None, vpg_layer: Optional[int] = None) -> dict:
+                     config: Optional[PillConfig] = None, vpg_layer: Optional[int] = None,
+                     audio: Optional[str] = None) -> dict:
     """Trainable-parameter table of a PILL model built on the meta device (no weights, no download).
 
     ``llm``: a preset (``llama2-7b``, ``smollm2-135m``), ``smollm2-135m-instruct`` or any Hugging Face
     folder / hub id (only its config is read). ``vpg``: a registered encoder with a meta-device preset
     (:func:`~pill.encoders.meta_encoder`: ``blip2-qformer``, ``efficientnet-lite0``, ``clip``, ``dinov2``);
     ``vpg_layer``: its layer whose output the projector reads (EfficientNet: a block; default the head).
-    Returns ``{"llm", "vpg", "stage", "rows": [...], "trainable": int}``.
+    ``audio``: an audio encoder (``whisper-base``) to add: its projector, expert and frozen encoder
+    get their own rows.
+    Returns ``{"llm", "vpg", "stage", "rows": [...], "trainable": int}`` (and ``"audio"`` when given).
     """
     from .encoders import meta_encoder
     from .models import LLM_PRESETS, build_llm_from_config, build_llm_preset
@@ -37,15 +40,18 @@ def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: 
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(cfg)
     v = meta_encoder(vpg, layer=vpg_layer)
+    more = {"audio": meta_encoder(audio)} if audio else {}
     with torch.device("meta"):
-        vlm = PillVLM(model, v, None, config or PillConfig())
+        vlm = PillVLM(model, v, None, config or PillConfig(), encoders=more)
     vlm.set_stage(stage)
     rows = vlm.parameter_table()
-    return {"llm": llm, "vpg": vpg, "stage": stage, "rows": rows, "trainable": rows[-1]["trainable"]}
+    return {"llm": llm, "vpg": vpg, **({"audio": audio} if audio else {}), "stage": stage, "rows": rows,
+            "trainable": rows[-1]["trainable"]}
 
 
 def format_parameter_table(result: dict) -> str:
-    lines = [f"{result['llm']} + {result['vpg']}, stage {result['stage']}", "",
+    encoders = " + ".join(result[k] for k in ("vpg", "audio") if result.get(k))
+    lines = [f"{result['llm']} + {encoders}, stage {result['stage']}", "",
              f"| {'part':<32} | {'parameters':>15} | {'trainable':>13} |", f"|{'-' * 34}|{'-' * 16}:|{'-' * 14}:|"]
     for r in result["rows"]:
         lines.append(f"| {r['part']:<32} | {r['parameters']:>15,} | {r['trainable']:>13,} |")
@@ -62,7 +68,7 @@ def _params(args) -> int:
     cfg = PillConfig.from_dict(raw.get("pill", {}))
     layer = _coerce((raw.get("model") or {}).get("vpg_layer"), Optional[int], "model.vpg_layer") \
         if get_encoder(args.vpg).accepts_layer else None
-    result = count_parameters(args.llm, args.vpg, args.stage, cfg, vpg_layer=layer)
+    result = count_parameters(args.llm, args.vpg, args.stage, cfg, vpg_layer=layer, audio=args.audio)
     if args.json:
         print_json(result)
     else:
@@ -131,8 +137,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("params", help="trainable-parameter table (built on the meta device, no download)")
     p.add_argument("--llm", default="llama2-7b", help="preset (llama2-7b, smollm2-135m), HF folder or hub id")
-    p.add_argument("--vpg", default="blip2-qformer", choices=[n for n in encoder_names() if get_encoder(n).meta],
-                   help="encoder (its meta-device preset shapes; default blip2-qformer)")
+    p.add_argument("--vpg", default="blip2-qformer",
+                   choices=[n for n in encoder_names("image") if get_encoder(n).meta],
+                   help="image encoder (its meta-device preset shapes; default blip2-qformer)")
+    p.add_argument("--audio", default=None, choices=[n for n in encoder_names("audio") if get_encoder(n).meta],
+                   help="also an audio encoder (whisper-base: 10 s windows, pool 4); its parts get their own rows")
     p.add_argument("--stage", default="finetune", choices=["align", "finetune"])
     p.add_argument("--config", help="YAML file whose 'pill:' section sets the plug-in config (and 'model: vpg_layer' "
                                     "the encoder layer, e.g. the EfficientNet block)")

@@ -161,10 +161,15 @@ def build_target(problem: Mapping[str, Any], output_format: str = "A", *, answer
 
 def scienceqa_messages(problem: Mapping[str, Any], input_format: str = "QCM", output_format: str = "A", *,
                        has_image: bool = False, caption: Optional[str] = None, answer: Optional[int] = None,
-                       system_prompt: Optional[str] = None, **text_options) -> list[dict]:
-    """Chat messages for one ScienceQA problem: [system], user (prompt), assistant (target)."""
+                       system_prompt: Optional[str] = None, placeholders: Sequence[str] = (),
+                       **text_options) -> list[dict]:
+    """Chat messages for one ScienceQA problem: [system], user (prompt), assistant (target).
+    The user turn starts with ``<image>`` (``has_image``), then one line per further input's
+    placeholder (``placeholders``, e.g. ``["<audio>"]``)."""
     user = build_input(problem, input_format, caption=caption,
                        escape_newlines=text_options.get("escape_newlines", False))
+    for p in reversed(placeholders):
+        user = f"{p}\n{user}"
     if has_image:
         user = f"{IMAGE_TOKEN}\n{user}"
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
