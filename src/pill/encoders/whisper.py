@@ -140,17 +140,20 @@ def ct2_whisper_config(model, config_json: Optional[Path] = None):
     count = lambda side: sum(1 for k in model.variables if k.startswith(f"{side}/layer_")  # noqa: E731
                              and k.endswith("/ffn/linear_0/weight"))
     d = model["encoder/conv1/weight"].shape[0]
-    extra = {}
+    vocab = model["decoder/embeddings/weight"].shape[0]
+    # Whisper's special ids (50256, 50257) where the vocabulary has them; none for smaller ones
+    extra = {} if vocab > 50257 else dict(pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                                          decoder_start_token_id=0)
     if config_json is not None and config_json.is_file():
         conf = json.loads(config_json.read_text())
-        extra = {"suppress_tokens": conf.get("suppress_ids"), "begin_suppress_tokens": conf.get("suppress_ids_begin")}
+        extra.update(suppress_tokens=conf.get("suppress_ids"), begin_suppress_tokens=conf.get("suppress_ids_begin"))
     return WhisperConfig(
         d_model=d, num_mel_bins=model["encoder/conv1/weight"].shape[1],
         encoder_layers=count("encoder"), decoder_layers=count("decoder"),
         encoder_attention_heads=model.scalar("encoder/num_heads"), decoder_attention_heads=model.scalar("decoder/num_heads"),
         encoder_ffn_dim=model["encoder/layer_0/ffn/linear_0/weight"].shape[0],
         decoder_ffn_dim=model["decoder/layer_0/ffn/linear_0/weight"].shape[0],
-        vocab_size=model["decoder/embeddings/weight"].shape[0],
+        vocab_size=vocab,
         max_source_positions=model["encoder/position_encodings/encodings"].shape[0],
         max_target_positions=model["decoder/position_encodings/encodings"].shape[0], **extra)
 
