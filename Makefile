@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test serve browser clean
+.PHONY: install demo test serve browser espeak clean
 
 install: $(STAMP)
 
@@ -28,6 +28,8 @@ test: $(STAMP)
 	# The web demo's browser test needs Debian's chromium + chromedriver: installed here where this
 	# user can (root); elsewhere the test is skipped with a line that says how to enable it.
 	bash .ci/install-browser --if-possible
+	# The audio benchmark speaks with Debian's espeak-ng: installed the same way, its tests skipped without it.
+	bash .ci/install-espeak --if-possible
 	$(PY) -m pytest -q
 
 serve: $(STAMP)
@@ -35,6 +37,9 @@ serve: $(STAMP)
 
 browser:
 	bash .ci/install-browser
+
+espeak:
+	bash .ci/install-espeak
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
