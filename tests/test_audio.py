@@ -310,7 +310,7 @@ def mixed_config(root: Path, data_json: Path, whisper: Path, **changes):
     raw = {"stage": "finetune",
            "model": {"llm": "llama", "random_init": True, "pool": 2,
                      "encoders": {"audio": {"name": "whisper", "path": str(whisper), "max_seconds": 1.0,
-                                            "pool": 5}}},
+                                            "pool": 5, "feature_norm": True}}},
            "data": {"format": "llava", "json": str(data_json), "image_folder": str(data_json.parent / "files"),
                     "max_length": 128},
            "optim": {"lr": 5e-3, "batch_size": 4, "micro_batch_size": 4, "max_steps": 3, "warmup_ratio": 0.0},
@@ -377,12 +377,14 @@ def test_train_save_load_chat_and_generate_with_image_and_audio(tmp_path, tiny_w
     assert train(cfg, tmp_path / "run", progress=False)["steps"] == 3
     w = load_file(str(tmp_path / "run" / "pill.safetensors"))
     assert w["pill_projector.audio.weight"].shape == (64, 16)
+    assert int(w["pill_feature_norm.audio.count"]) == 9 * 10  # 9 distinct clip contents, 10 tokens each
     assert w[f"llm.model.layers.0.post_attention_layernorm.pill_experts.experts.{AUDIO}.w_up.weight"].abs().sum() > 0
     assert any(p.name.startswith("whisper-") for p in (tmp_path / "cache").iterdir())  # its own cache namespace
 
     vlm = load_run(tmp_path / "run")
     for name in ("pill_projector.audio.weight", "pill_projector.image.weight"):
         assert torch.equal(dict(vlm.named_parameters())[name].detach(), w[name])
+    assert torch.equal(vlm.pill_feature_norm["audio"].mean, w["pill_feature_norm.audio.mean"])
     files = data.parent / "files"
     session = ChatSession(vlm, max_new_tokens=4)
     answer = session.ask("What is there?", [str(files / "1.png")], inputs={"audio": [str(files / "1.wav")]})
