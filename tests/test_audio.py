@@ -401,7 +401,7 @@ def test_train_save_load_chat_and_generate_with_image_and_audio(tmp_path, tiny_w
     assert torch.equal(a, b)
 
 
-def test_chat_cli_takes_audio_and_refuses_it_for_a_model_without(tmp_path, tiny_whisper, capsys):
+def test_chat_cli_and_the_interactive_session_take_audio(tmp_path, tiny_whisper, capsys):
     from pill.cli import main
     from pill.train.loop import train
 
@@ -413,6 +413,20 @@ def test_chat_cli_takes_audio_and_refuses_it_for_a_model_without(tmp_path, tiny_
     assert capsys.readouterr().out.endswith("\n")
     assert main(["chat", "--run", str(tmp_path / "run"), "--audio", str(tmp_path / "none.wav"), "hi"]) == 1
     assert "none.wav: audio file not found" in capsys.readouterr().err
+
+    import io
+
+    from pill.build import load_run
+    from pill.chat import ChatSession
+    from pill.eval.run_commands import interactive_chat
+
+    session = ChatSession(load_run(tmp_path / "run"), max_new_tokens=3)
+    script = io.StringIO(f"/audio {clip}\nWhich tone?\n/audio {tmp_path / 'gone.wav'}\nAgain?\nexit\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert interactive_chat(session, script, out, err) == 2
+    assert "(audio clip attached to your next message" in err.getvalue()
+    assert "gone.wav: audio file not found" in err.getvalue()
+    assert session.messages[0]["content"].startswith("<audio>\nWhich tone?") and len(session.inputs["audio"]) == 1
 
 
 def test_scienceqa_problems_with_audio(tmp_path):
