@@ -78,7 +78,8 @@ def _show(samples, args) -> None:
     for s in samples[: args.limit]:
         extra = f", answer {OPTION_LETTERS[s.meta['answer']]}" if "answer" in s.meta else ""
         images = ", ".join(f"<{len(i)} bytes>" if isinstance(i, bytes) else i for i in s.images) or "none"
-        print(f"--- {s.id}{extra}; images: {images}")
+        more = "".join(f"; {name}: {', '.join(map(str, refs))}" for name, refs in s.media.items() if refs)
+        print(f"--- {s.id}{extra}; images: {images}{more}")
         for m in s.messages:
             print(f"[{m['role']}]\n{m['content']}")
         if tokenizer is not None:

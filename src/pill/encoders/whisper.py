@@ -239,7 +239,8 @@ class WhisperAudioEncoder(Encoder):
         cfg = WhisperConfig.from_pretrained(folder)
         if cfg.model_type != "whisper":
             raise PillError(f"{name_or_path}: model_type {cfg.model_type!r} is not a Whisper checkpoint")
-        enc = cls(cfg, max_seconds, pool, f"whisper-{Path(str(name_or_path)).name}")
+        label = Path(str(name_or_path)).name  # openai/whisper-small -> whisper-small
+        enc = cls(cfg, max_seconds, pool, label if label.startswith("whisper") else f"whisper-{label}")
         if pretrained:
             raw = load_safetensors_prefixed(folder, ("model.encoder.", "encoder."))
             state = {k.split("encoder.", 1)[1]: v.float() for k, v in raw.items()}
