@@ -56,3 +56,46 @@ def test_quick_demo_writes_report_and_plots(tmp_path, monkeypatch, capsys, preci
     assert (out / "eval-after" / "predictions.json").is_file()
     gates = json.loads((out / "finetune" / "gates.json").read_text())
     assert len(gates["mean_abs_gate"]) == 30
+
+
+def test_audio_demo_stages_read_the_audio_benchmark(tmp_path):
+    from pill.demo import DemoSettings, resolve_settings, stage_config
+    from pill.errors import ConfigError
+
+    st = DemoSettings(out=str(tmp_path), modality="audio", align_steps=3, finetune_steps=4)
+    precision, st = resolve_settings(st)
+    data = tmp_path / "data"
+    align = stage_config(st, precision, data, tmp_path, "align")
+    finetune = stage_config(st, precision, data, tmp_path, "finetune")
+    audio = align.model.encoders["audio"]
+    assert (audio.name, audio.max_seconds, audio.pool, audio.feature_norm) == ("whisper-base", 5.0, 4, True)
+    assert align.data.json == str(data / "captions_llava.json") and align.data.image_folder == str(data / "audio")
+    assert (align.optim.max_steps, finetune.optim.max_steps) == (3, 4)
+    assert finetune.data.root == str(data) and finetune.init_from == str(tmp_path / "align")
+    assert finetune.model.encoders["audio"] == audio
+    with pytest.raises(ConfigError, match="demo modality: one of image, audio, got 'smell'"):
+        resolve_settings(DemoSettings(modality="smell"))
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_quick_audio_demo_writes_report_and_plots(tmp_path, monkeypatch):
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed; enable with: sudo bash .ci/install-espeak")
+    from safetensors.torch import load_file
+
+    from pill.demo import DemoSettings, run_demo
+
+    monkeypatch.setenv("PILL_PRECISION", "float32")
+    st = DemoSettings(out=str(tmp_path / "demo-audio"), n_train=16, n_test=8, align_steps=2, finetune_steps=2,
+                      batch_size=4, max_new_tokens=16, quick=True, modality="audio")
+    report = run_demo(st)
+    out = tmp_path / "demo-audio"
+    assert report["modality"] == "audio" and report["test_problems"] == 8
+    assert set(report["per_type_after"]) <= {"digit", "tone", "beeps", "order"}
+    assert (out / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    w = load_file(str(out / "finetune" / "pill.safetensors"))
+    assert w["pill_projector.audio.weight"].shape == (576, 512)  # Whisper-base's width
+    assert int(w["pill_feature_norm.audio.count"]) == 16 * 63  # 16 training clips, 63 tokens each (5 s, pool 4)

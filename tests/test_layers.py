@@ -3,7 +3,7 @@
 The layers, bottom to top (README, "Layout"):
 
 0. foundations -- errors, config machinery, precision policy, file writes, the modality registry,
-   image decoding;
+   image and audio decoding;
 1. parts -- the plug-in modules, LLM families and loading, encoders;
 2. plugging -- plug() into an LLM;
 3. model inputs -- the processor;
@@ -21,7 +21,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "pill"
 
 LAYERS = [
-    ["errors", "config", "precision", "io", "modalities", "data.images"],
+    ["errors", "config", "precision", "io", "modalities", "data.images", "data.audio"],
     ["modules", "families", "models", "vpg", "encoders"],
     ["plug"],
     ["processor"],

@@ -32,7 +32,8 @@ def load_encoder_from_config(enc: EncoderConfig, *, pretrained: bool = True) -> 
     """The frozen encoder an :class:`~pill.runconfig.EncoderConfig` names."""
     from .encoders import load_encoder
 
-    encoder = load_encoder(enc.name, enc.path, layer=enc.layer, pool=enc.pool, pretrained=pretrained)
+    encoder = load_encoder(enc.name, enc.path, layer=enc.layer, pool=enc.pool, pretrained=pretrained,
+                           max_seconds=enc.max_seconds)
     if enc.image_mean is not None:
         set_normalisation = getattr(encoder, "set_normalisation", None)
         if set_normalisation is None:

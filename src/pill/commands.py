@@ -11,14 +11,17 @@ from .errors import ConfigError, PillError
 
 
 def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: str = "finetune",
-                     config: Optional[PillConfig] = None, vpg_layer: Optional[int] = None) -> dict:
+                     config: Optional[PillConfig] = None, vpg_layer: Optional[int] = None,
+                     audio: Optional[str] = None) -> dict:
     """Trainable-parameter table of a PILL model built on the meta device (no weights, no download).
 
     ``llm``: a preset (``llama2-7b``, ``smollm2-135m``), ``smollm2-135m-instruct`` or any Hugging Face
     folder / hub id (only its config is read). ``vpg``: a registered encoder with a meta-device preset
     (:func:`~pill.encoders.meta_encoder`: ``blip2-qformer``, ``efficientnet-lite0``, ``clip``, ``dinov2``);
     ``vpg_layer``: its layer whose output the projector reads (EfficientNet: a block; default the head).
-    Returns ``{"llm", "vpg", "stage", "rows": [...], "trainable": int}``.
+    ``audio``: an audio encoder (``whisper-base``) to add: its projector, expert and frozen encoder
+    get their own rows.
+    Returns ``{"llm", "vpg", "stage", "rows": [...], "trainable": int}`` (and ``"audio"`` when given).
     """
     import torch
 
@@ -38,15 +41,18 @@ def count_parameters(llm: str = "llama2-7b", vpg: str = "blip2-qformer", stage: 
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(cfg)
     v = meta_encoder(vpg, layer=vpg_layer)
+    more = {"audio": meta_encoder(audio)} if audio else {}
     with torch.device("meta"):
-        vlm = PillVLM(model, v, None, config or PillConfig())
+        vlm = PillVLM(model, v, None, config or PillConfig(), encoders=more)
     vlm.set_stage(stage)
     rows = vlm.parameter_table()
-    return {"llm": llm, "vpg": vpg, "stage": stage, "rows": rows, "trainable": rows[-1]["trainable"]}
+    return {"llm": llm, "vpg": vpg, **({"audio": audio} if audio else {}), "stage": stage, "rows": rows,
+            "trainable": rows[-1]["trainable"]}
 
 
 def format_parameter_table(result: dict) -> str:
-    lines = [f"{result['llm']} + {result['vpg']}, stage {result['stage']}", "",
+    encoders = " + ".join(result[k] for k in ("vpg", "audio") if result.get(k))
+    lines = [f"{result['llm']} + {encoders}, stage {result['stage']}", "",
              f"| {'part':<32} | {'parameters':>15} | {'trainable':>13} |", f"|{'-' * 34}|{'-' * 16}:|{'-' * 14}:|"]
     for r in result["rows"]:
         lines.append(f"| {r['part']:<32} | {r['parameters']:>15,} | {r['trainable']:>13,} |")
@@ -63,7 +69,7 @@ def _params(args) -> int:
     cfg = PillConfig.from_dict(raw.get("pill", {}))
     layer = _coerce((raw.get("model") or {}).get("vpg_layer"), Optional[int], "model.vpg_layer") \
         if get_encoder(args.vpg).accepts_layer else None
-    result = count_parameters(args.llm, args.vpg, args.stage, cfg, vpg_layer=layer)
+    result = count_parameters(args.llm, args.vpg, args.stage, cfg, vpg_layer=layer, audio=args.audio)
     if args.json:
         print_json(result)
     else:
@@ -88,7 +94,10 @@ def _load_yaml(path: str) -> dict:
 def _demo(args) -> int:
     from .demo import DemoSettings, run_demo
 
-    st = DemoSettings(out=args.out, seed=args.seed)
+    out = args.out or ("runs/demo-audio" if args.modality == "audio" else "runs/demo")
+    st = DemoSettings(out=out, seed=args.seed, modality=args.modality)
+    if args.modality == "audio":
+        st.max_new_tokens = 64  # the clip's description, the fact and the letter
     if args.quick:  # a shortened run that checks every step of the pipeline in about a minute
         st.n_train, st.n_test, st.align_steps, st.finetune_steps, st.quick = 48, 16, 2, 3, True
     for name in ("n_train", "n_test", "align_steps", "finetune_steps", "batch_size", "eval_mode", "precision",
@@ -182,7 +191,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_convert_reference)
 
     p = sub.add_parser("demo", help="the whole method on CPU: benchmark, before/after, two training stages")
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/demo, with --modality audio "
+                                               "runs/demo-audio)")
+    p.add_argument("--modality", choices=["image", "audio"], default="image",
+                   help="image: the shapes benchmark (default); audio: the audio benchmark, Whisper-base encoder")
     p.add_argument("--quick", action="store_true", help="a few steps on a tiny benchmark (checks the pipeline)")
     p.add_argument("--n-train", type=positive_int)
     p.add_argument("--n-test", type=positive_int)
@@ -202,8 +214,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("params", help="trainable-parameter table (built on the meta device, no download)")
     p.add_argument("--llm", default="llama2-7b", help="preset (llama2-7b, smollm2-135m), HF folder or hub id")
-    p.add_argument("--vpg", default="blip2-qformer", choices=encoder_names(),
-                   help="encoder (its meta-device preset shapes; default blip2-qformer)")
+    p.add_argument("--vpg", default="blip2-qformer",
+                   choices=encoder_names("image"),
+                   help="image encoder (its meta-device preset shapes; default blip2-qformer)")
+    p.add_argument("--audio", default=None, choices=encoder_names("audio"),
+                   help="also an audio encoder (whisper-base: 10 s windows, pool 4); its parts get their own rows")
     p.add_argument("--stage", default="finetune", choices=["align", "finetune"])
     p.add_argument("--config", help="YAML file whose 'pill:' section sets the plug-in config (and 'model: vpg_layer' "
                                     "the encoder layer, e.g. the EfficientNet block)")

@@ -6,6 +6,11 @@
 4. score the trained model on the same test split;
 5. print a before/after table per question type and write ``report.json``, ``gates.png`` and
    ``loss.png`` into the run directory.
+
+``modality="audio"`` (``pill demo --modality audio``) runs the same steps on the built-in audio
+benchmark (:mod:`pill.data.synth_audio`) with the embedded Whisper-base as the audio encoder; its
+gate plot shows the audio tokens' gates beside the image tokens' of an image demo run next to it
+(``<out>/../demo``), when there is one.
 """
 from __future__ import annotations
 
@@ -44,16 +49,25 @@ class DemoSettings:
     # auto: bf16 autocast where the CPU has native bf16 (about 1.4x faster), else float32 (pill.precision)
     precision: str = "auto"
     quick: bool = False
+    modality: str = "image"  # or "audio": the audio benchmark and the Whisper encoder
+
+
+MODALITIES = ("image", "audio")
 
 
 def _synth(root: Path, st: DemoSettings) -> Path:
-    from .data.synth import GENERATOR_VERSION, make_synth
+    if st.modality == "audio":
+        from .data.synth_audio import GENERATOR_VERSION, make_synth_audio as make_synth
+    else:
+        from .data.synth import GENERATOR_VERSION, make_synth
 
     info = root / "synth_info.json"
     if info.is_file():
         old = json.loads(info.read_text())
-        if old.get("version") == GENERATOR_VERSION and old.get("seed") == st.seed and old.get("splits", {}).get("train") == st.n_train \
-                and old.get("splits", {}).get("test") == st.n_test:
+        generator = "pill.data.synth_audio" if st.modality == "audio" else "pill.data.synth"
+        splits = old.get("splits", {})
+        if (old.get("generator"), old.get("version"), old.get("seed"), splits.get("train"), splits.get("test")) == \
+                (generator, GENERATOR_VERSION, st.seed, st.n_train, st.n_test):
             print(f"benchmark: reusing {root}")
             return root
     print(f"benchmark: writing {st.n_train} training and {st.n_test} test problems to {root}")
@@ -78,6 +92,8 @@ def resolve_settings(st: DemoSettings):
                  "max_new_tokens"):
         if getattr(st, name) < 1:
             raise ConfigError(f"demo {name}: must be >= 1, got {getattr(st, name)}")
+    if st.modality not in MODALITIES:
+        raise ConfigError(f"demo modality: one of {', '.join(MODALITIES)}, got {st.modality!r}")
     return resolve_precision(st.precision), st
 
 
@@ -85,13 +101,16 @@ def stage_config(st: DemoSettings, precision, data: Path, out: Path, stage: str)
     """The validated config of one demo stage: the shipped demo YAML with this run's settings."""
     from .runconfig import load_config
 
-    name = "stage1_synth.yaml" if stage == "align" else "stage2_synth.yaml"
+    kind = "audio" if st.modality == "audio" else "synth"
+    name = f"stage1_{kind}.yaml" if stage == "align" else f"stage2_{kind}.yaml"
     steps = st.align_steps if stage == "align" else st.finetune_steps
     overrides = [f"train.seed={st.seed}", f"optim.max_steps={steps}", f"optim.batch_size={st.batch_size}",
-                 f"optim.micro_batch_size={st.batch_size}", f"train.mixed_precision={precision.mixed_precision}",
-                 f"model.pool={'null' if st.pool is None else st.pool}"]
+                 f"optim.micro_batch_size={st.batch_size}", f"train.mixed_precision={precision.mixed_precision}"]
+    if st.modality == "image":
+        overrides.append(f"model.pool={'null' if st.pool is None else st.pool}")
+    folder = data / ("audio" if st.modality == "audio" else "images")  # what the captions' paths are relative to
     if stage == "align":
-        overrides += [f"data.json={data / 'captions_llava.json'}", f"data.image_folder={data / 'images'}"]
+        overrides += [f"data.json={data / 'captions_llava.json'}", f"data.image_folder={folder}"]
     else:
         overrides += [f"data.root={data}", f"init_from={out / 'align'}"]
     cfg = load_config(CONFIGS / name, overrides)
@@ -125,7 +144,8 @@ def run_demo(st: DemoSettings) -> dict:
     vlm.system_prompt = cfg2.data.system_prompt  # as in training
     timings["load_models"] = time.time() - t
 
-    print("\n== 1/4 the untrained plugged model on the test split (its image pathway has learned nothing yet)")
+    print(f"\n== 1/4 the untrained plugged model on the test split (its {st.modality} pathway has learned nothing "
+          "yet)")
     before = _evaluate(vlm, st, data, out, cfg2.data.prompt_format, "before", timings)
     runs = _train_stages(vlm, st, precision, data, out, timings)
     print("\n== 4/4 the trained model on the same test split")
@@ -139,6 +159,7 @@ def run_demo(st: DemoSettings) -> dict:
         "chance": _chance(problems, before["predictions"]),
         "test_problems": after["count"], "eval_mode": st.eval_mode,
         "wall_seconds": time.time() - t0, "timings_seconds": timings,
+        "modality": st.modality,
         "settings": st.__dict__, "precision": {"name": precision.name, "reason": precision.reason},
         "trainable_parameters": vlm.num_trainable(),
         "runs": {k: str(v) for k, v in runs.items()},
@@ -182,7 +203,8 @@ def _train_stages(vlm, st: DemoSettings, precision, data: Path, out: Path, timin
 
 
 def _figures(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, runs: dict[str, Path]) -> None:
-    """The gates (the paper's Figure 4) on a sample batch of test images; the loss curves of both stages."""
+    """The gates (the paper's Figure 4) on a sample batch of test inputs (audio: beside an image demo's
+    gates when ``<out>/../demo`` holds one); the loss curves of both stages."""
     from .data.collate import Collator, prompt_items
     from .data.scienceqa import load_scienceqa
     from .eval.plots import plot_gates, plot_training, read_metrics
@@ -193,8 +215,15 @@ def _figures(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, runs: dict[
     keys = {"input_ids", "attention_mask", "modality_ids"} | {m.inputs_key for m in vlm.modalities.values()}
     gates = vlm.measure_gates(**{k: v for k, v in batch.items() if k in keys})
     write_atomic(runs["finetune"] / "gates.json", json.dumps(gates))
-    plot_gates(gates["mean_abs_gate"], out / "gates.png", layers=gates["layers"],
-               title="mean |tanh(gate)| of image tokens per layer (stage 2)")
+    series = {f"{st.modality} tokens": gates["mean_abs_gate"]}
+    image_run = out.parent / "demo" / "finetune" / "gates.json"
+    if st.modality == "audio" and image_run.is_file():
+        image = json.loads(image_run.read_text())
+        if image.get("layers") == gates["layers"]:
+            series = {"audio tokens (this run)": gates["mean_abs_gate"],
+                      f"image tokens ({image_run.parent.parent})": image["mean_abs_gate"]}
+    plot_gates(series if len(series) > 1 else gates["mean_abs_gate"], out / "gates.png", layers=gates["layers"],
+               title=f"mean |tanh(gate)| of {' and '.join(k.split()[0] for k in series)} tokens per layer (stage 2)")
     records = read_metrics(runs["align"] / "metrics.jsonl") + [
         {**r, "step": r["step"] + st.align_steps} for r in read_metrics(runs["finetune"] / "metrics.jsonl")]
     plot_training(records, out / "loss.png", title="pill demo: stage 1 (align) then stage 2 (fine-tune)")

@@ -3,7 +3,7 @@
 Every token of a prompt carries a modality id (design note, section 1): text is 0, and each
 registered modality has its own id, placeholder, expert (the MoMAE expert of the same index),
 encoder and projector. Image is one entry; adding a modality is one :func:`register_modality`
-call plus its encoder. This module stays import-light (no torch): data loaders use it.
+call plus its encoder; audio (id 2, ``<audio>``) is the second entry. This module stays import-light (no torch): data loaders use it.
 
 A modality's placeholder (``<image>``) becomes ``num_tokens`` slot tokens of its id in the
 tokenised prompt (:class:`pill.processor.PillProcessor`); batches carry its preprocessed inputs
@@ -124,10 +124,20 @@ def _describe_image(img) -> dict:
     return describe_image(img)
 
 
+def _load_audio(ref, **kw):
+    from .data.audio import load_audio
+
+    return load_audio(ref, **kw)
+
+
 IMAGE_MODALITY = register_modality(Modality("image", 1, "<image>", _load_image, noun="image",
                                             batch_key="pixel_values", mime="image", describe=_describe_image))
 IMAGE = IMAGE_MODALITY.id
 IMAGE_PLACEHOLDER = IMAGE_MODALITY.placeholder
+# Audio clips (WAV, FLAC, ... -> mono 16 kHz), encoded by a Whisper encoder (pill.encoders.whisper).
+AUDIO_MODALITY = register_modality(Modality("audio", 2, "<audio>", _load_audio, noun="audio clip"))
+AUDIO = AUDIO_MODALITY.id
+AUDIO_PLACEHOLDER = AUDIO_MODALITY.placeholder
 
-__all__ = ["TEXT", "IMAGE", "IMAGE_PLACEHOLDER", "Modality", "register_modality", "unregister_modality",
+__all__ = ["TEXT", "IMAGE", "IMAGE_PLACEHOLDER", "AUDIO", "AUDIO_PLACEHOLDER", "Modality", "register_modality", "unregister_modality",
            "modality", "modality_by_id", "modalities", "next_free_id"]

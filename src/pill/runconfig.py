@@ -20,6 +20,8 @@ class EncoderConfig:
     layer: Optional[int] = None  # which encoder layer gives the tokens, where the encoder has a choice
     pool: Optional[int] = None  # pool the encoder's token grid, where it has one
     feature_norm: bool = False  # standardise the features per channel before the projector
+    # audio encoders: the window every clip is padded to, in seconds (longer clips are an error)
+    max_seconds: Optional[float] = None
     # image encoders: normalise pixels with this per-channel mean / std instead of the checkpoint's
     image_mean: Optional[list[float]] = None
     image_std: Optional[list[float]] = None
@@ -80,8 +82,13 @@ class ModelConfig:
             if self.llm not in supported_types():
                 raise ConfigError(f"llm: with random_init it names a family ({', '.join(supported_types())}), "
                                   f"got {self.llm!r}")
+        from .encoders import get_encoder
+
         validate_encoder_settings(self.vpg, self.vpg_path, self.vpg_layer, self.pool)
         _check_normalisation(self.image_mean, self.image_std)
+        if get_encoder(self.vpg).modality != "image":
+            raise ConfigError(f"vpg: {self.vpg!r} encodes {get_encoder(self.vpg).modality}, not images "
+                              f"(put it under encoders.{get_encoder(self.vpg).modality})")
         if "image" in self.encoders:
             raise ConfigError("encoders.image: the image encoder is set by vpg, vpg_path, vpg_layer and pool")
         from .modalities import modality
@@ -89,7 +96,10 @@ class ModelConfig:
         for name, enc in self.encoders.items():
             try:
                 modality(name)
-                validate_encoder_settings(enc.name, enc.path, enc.layer, enc.pool)
+                validate_encoder_settings(enc.name, enc.path, enc.layer, enc.pool, enc.max_seconds)
+                if get_encoder(enc.name).modality != name:
+                    raise ConfigError(f"name: encoder {enc.name!r} encodes {get_encoder(enc.name).modality}, "
+                                      f"not {name}")
             except ConfigError as e:
                 raise ConfigError(f"encoders.{name}: {e}") from None
 

@@ -257,7 +257,9 @@ class PillVLM(nn.Module):
         out = {}
         for n, t in state.items():
             for old, new in LEGACY_NAMES:
-                if n.startswith(old) and not n.startswith(new):
+                # only the old flat names (pill_feature_norm.mean): a modality's own
+                # (pill_feature_norm.audio.mean) has a further dot
+                if n.startswith(old) and not n.startswith(new) and "." not in n[len(old):]:
                     n = new + n[len(old):]
                     break
             out[n] = t

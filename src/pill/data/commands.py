@@ -1,4 +1,4 @@
-"""``pill data ...``: inspect datasets as the model will see them; build the synthetic benchmark."""
+"""``pill data ...``: inspect datasets as the model will see them; build the synthetic benchmarks."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from ..errors import ConfigError, DataError
 
 
 def register(subparsers) -> None:
-    """Add ``data inspect scienceqa|llava`` and ``data synth`` to the ``pill`` parser."""
+    """Add ``data inspect scienceqa|llava``, ``data synth`` and ``data synth-audio`` to the ``pill`` parser."""
     data = subparsers.add_parser("data", help="inspect datasets; build the synthetic benchmark")
     data.set_defaults(func=lambda args: _help(data))
     actions = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -50,6 +50,15 @@ def register(subparsers) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_synth)
 
+    audio = actions.add_parser("synth-audio", help="synthesise the built-in audio benchmark (ScienceQA layout; "
+                                                   "needs espeak-ng)")
+    audio.add_argument("--out", required=True, help="output folder")
+    audio.add_argument("--n-train", type=non_negative_int, default=2000)
+    audio.add_argument("--n-test", type=non_negative_int, default=200)
+    audio.add_argument("--n-val", type=non_negative_int, default=None, help="default: --n-test")
+    audio.add_argument("--seed", type=int, default=0)
+    audio.set_defaults(func=_synth_audio)
+
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -77,7 +86,8 @@ def _show(samples, args) -> None:
     for s in samples[: args.limit]:
         extra = f", answer {OPTION_LETTERS[s.meta['answer']]}" if "answer" in s.meta else ""
         images = ", ".join(f"<{len(i)} bytes>" if isinstance(i, bytes) else i for i in s.images) or "none"
-        print(f"--- {s.id}{extra}; images: {images}")
+        more = "".join(f"; {name}: {', '.join(map(str, refs))}" for name, refs in s.media.items() if refs)
+        print(f"--- {s.id}{extra}; images: {images}{more}")
         for m in s.messages:
             print(f"[{m['role']}]\n{m['content']}")
         if tokenizer is not None:
@@ -129,6 +139,21 @@ def _synth(args) -> int:
         raise DataError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
     start = time.time()
     info = make_synth(args.out, args.n_train, args.n_test, args.seed, n_val=args.n_val)
+    print(json.dumps(info, indent=2))
+    print(f"wrote {sum(info['splits'].values())} problems to {args.out} in {time.time() - start:.1f} s")
+    return 0
+
+
+def _synth_audio(args) -> int:
+    from .synth_audio import espeak_binary, make_synth_audio
+
+    espeak_binary()  # a missing espeak-ng fails here, before anything is written
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
+    start = time.time()
+    info = make_synth_audio(args.out, args.n_train, args.n_test, args.seed, n_val=args.n_val)
     print(json.dumps(info, indent=2))
     print(f"wrote {sum(info['splits'].values())} problems to {args.out} in {time.time() - start:.1f} s")
     return 0

@@ -206,14 +206,18 @@ def build_target(problem: Mapping[str, Any], output_format: str = "A", *, answer
 
 def scienceqa_messages(problem: Mapping[str, Any], input_format: str = "QCM", output_format: str = "A", *,
                        has_image: bool = False, caption: Optional[str] = None, answer: Optional[int] = None,
-                       system_prompt: Optional[str] = None, style: str = "pill", **text_options) -> list[dict]:
+                       system_prompt: Optional[str] = None, style: str = "pill", placeholders: Sequence[str] = (),
+                       **text_options) -> list[dict]:
     """Chat messages for one ScienceQA problem: [system], user (prompt), assistant (target).
 
-    ``style``: ``pill`` puts the image placeholder on a line of its own before the question;
+    ``style``: ``pill`` puts the image placeholder on a line of its own before the question, after
+    it one line per further input's placeholder (``placeholders``, e.g. ``["<audio>"]``);
     ``reference`` opens the user turn with ``Image:<image>.`` or ``Image:N/A.`` as the reference
     code does (the other reference settings come with :meth:`PromptOptions.for_style`)."""
     user = build_input(problem, input_format, caption=caption,
                        escape_newlines=text_options.get("escape_newlines", False))
+    for p in reversed(placeholders):
+        user = f"{p}\n{user}"
     if check_style(style) == "reference":
         user = f"Image:{IMAGE_TOKEN if has_image else 'N/A'}.\n{user}"
     elif has_image:

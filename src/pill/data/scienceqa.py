@@ -6,6 +6,8 @@ Official layout (``root/``)::
     pid_splits.json          split -> [qid, ...]  (train, val, test, minitest, ...)
     captions.json            optional, {"captions": {qid: text}}
     images/<split>/<qid>/image.png   (``<split>/<qid>/image.png`` under root also works)
+    audio/<split>/<qid>/clip.wav     for problems whose ``audio`` field names a clip (or a list of
+                                     clips); any registered modality's field works the same way
 
 Hugging Face export: parquet files with one row per problem, the image as
 ``{"bytes", "path"}``, and the same fields; the split comes from a ``split`` column
@@ -22,7 +24,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import DataError
-from . import BadSample, LoadReport, Sample, SampleList, check_image, check_placeholders, inside_root, read_json
+from ..modalities import modalities
+from . import (BadSample, LoadReport, Sample, SampleList, check_image, check_input_file, check_placeholders, inside_root,
+               read_json)
 from .prompts import OPTION_LETTERS, PromptOptions, build_target, parse_format, scienceqa_messages, style_template
 
 PathLike = Union[str, os.PathLike]
@@ -199,6 +203,32 @@ def validate_problem(problem: Any, qid: str, source: str, need: str = "") -> Non
             raise BadSample(f"{where}: {key!r} must be a string", "bad_field")
     if problem.get("image") is not None and not isinstance(problem["image"], str):
         raise BadSample(f"{where}: 'image' must be a file name or null", "bad_field")
+    for m in _other_modalities():
+        value = problem.get(m.json_field)
+        if value is not None and not (isinstance(value, str) or
+                                      (isinstance(value, list) and all(isinstance(v, str) and v for v in value))):
+            raise BadSample(f"{where}: {m.json_field!r} must be a file name, a list of file names, or null",
+                            "bad_field")
+
+
+def _other_modalities():
+    """The registered modalities besides image, whose files a problem names in its own field."""
+    return [m for m in modalities() if m.name != "image"]
+
+
+def input_paths(root: PathLike, qid: str, problem: dict, split: str, field: str) -> list[str]:
+    """Where the files a problem names in ``field`` (``audio``) are: ``<field>/<s>/<qid>/<name>``
+    (or ``<s>/<qid>/<name>``), ``s`` the problem's own split or the requested one."""
+    value = problem.get(field)
+    names = [] if not value else [value] if isinstance(value, str) else list(value)
+    root = Path(root)
+    out = []
+    for name in names:
+        candidates = []
+        for s in dict.fromkeys(x for x in (problem.get("split"), split, _split_name(split)) if x):
+            candidates += [str(root / field / s / qid / name), str(root / s / qid / name)]
+        out.append(next((c for c in candidates if os.path.exists(c)), candidates[0]))
+    return out
 
 
 def image_path(root: PathLike, qid: str, problem: dict, split: str, *, allow_outside_root: bool = False,
@@ -367,6 +397,21 @@ class _Source:
                             "missing_image")
         return [path]
 
+    def media(self, qid: str, problem: dict, split: str) -> dict[str, list[str]]:
+        """The problem's inputs of the other modalities (``audio``: [path, ...]), checked to exist."""
+        out = {}
+        for m in _other_modalities():
+            if not problem.get(m.json_field):
+                continue
+            if not self.official:
+                raise BadSample(f"{self.name}: problem {qid}: {m.label} files are read from the official "
+                                "layout only, not from parquet", "bad_field")
+            paths = input_paths(self.root, qid, problem, split, m.json_field)
+            for p in paths:
+                check_input_file(p, m.name, qid, self.name, kind="problem")
+            out[m.name] = paths
+        return out
+
 
 def _caption_map(root: Path, captions: Optional[PathLike]) -> dict[str, str]:
     path = Path(captions) if captions is not None else root / "captions.json"
@@ -386,11 +431,13 @@ def _problem_sample(source: _Source, qid: str, split: str, opts: PromptOptions, 
     images = source.images(qid, problem, split)
     if images:
         check_image(images[0], qid, source.name, decode=check_images, max_pixels=max_pixels, kind="problem")
+    media = source.media(qid, problem, split)
+    placeholders = [m.placeholder for m in _other_modalities() for _ in media.get(m.name, [])]
     caption = caption_map.get(qid, "") if opts.use_caption else None
     messages = scienceqa_messages(problem, opts.input_format, opts.output_format, has_image=bool(images),
                                   caption=caption, system_prompt=opts.system_prompt, style=opts.style,
-                                  **opts.text_options)
-    sample = Sample(id=qid, messages=messages, images=images, meta={
+                                  placeholders=placeholders, **opts.text_options)
+    sample = Sample(id=qid, messages=messages, images=images, media=media, meta={
         "source": "scienceqa",
         "qid": qid,
         "split": problem.get("split", split),
@@ -398,6 +445,7 @@ def _problem_sample(source: _Source, qid: str, split: str, opts: PromptOptions, 
         "target_answer": problem["answer"],
         "choices": list(problem["choices"]),
         "has_image": bool(images),
+        **{f"has_{m.name}": bool(media.get(m.name)) for m in _other_modalities()},
         "has_hint": bool(problem.get("hint")),
         "subject": problem.get("subject"),
         "grade": problem.get("grade"),
@@ -413,7 +461,8 @@ def _problem_sample(source: _Source, qid: str, split: str, opts: PromptOptions, 
 
 
 def _counts(samples: list[Sample], caption_map: dict[str, str]) -> dict[str, int]:
-    return {"with_image": sum(s.meta["has_image"] for s in samples),
+    others = {f"with_{m.name}": sum(bool(s.media.get(m.name)) for s in samples) for m in _other_modalities()}
+    return {"with_image": sum(s.meta["has_image"] for s in samples), **{k: v for k, v in others.items() if v},
             "with_hint": sum(s.meta["has_hint"] for s in samples),
             "with_caption": sum(bool(caption_map.get(s.id)) for s in samples)}
 

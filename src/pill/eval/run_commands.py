@@ -14,28 +14,31 @@ from ..build import UNTRAINED_NOTE  # noqa: F401  (printed by load_model)
 from ..chat import ChatSession, chat_session  # noqa: F401  (the chat path, re-exported for `pill chat` users)
 
 INTERACTIVE_HELP = ("type a message and press Enter; '/image PATH' attaches an image to your next message, "
-                    "'/clear' starts a new conversation, 'exit' or Ctrl-D quits")
+                    "'/audio PATH' an audio clip, '/clear' starts a new conversation, 'exit' or Ctrl-D quits")
 
 
 # -- chat on a terminal ------------------------------------------------------------------------
 
 def interactive_chat(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdout,
-                     err: TextIO = sys.stderr, images: Sequence = ()) -> int:
+                     err: TextIO = sys.stderr, images: Sequence = (),
+                     inputs: Optional[dict[str, Sequence]] = None) -> int:
     """Read messages from ``lines`` and stream each answer to ``out`` until EOF or ``exit``.
 
-    Commands: ``/image PATH`` attaches an image to the next message, ``/clear`` starts a new
-    conversation, ``/help``, ``exit`` / ``quit``. ``images`` are attached to the first message.
-    Prompts, notes and errors (a bad image path, ...) go to ``err``; only answers go to ``out``.
-    Returns the number of answered turns.
+    Commands: ``/image PATH`` attaches an image to the next message (``/audio PATH`` an audio clip,
+    ``/<modality> PATH`` an input of any modality the model reads), ``/clear`` starts a new
+    conversation, ``/help``, ``exit`` / ``quit``. ``images`` and ``inputs`` (other modalities by
+    name) are attached to the first message. Prompts, notes and errors (a bad image path, ...) go
+    to ``err``; only answers go to ``out``. Returns the number of answered turns.
     """
-    from ..data.images import load_image
     from ..errors import PillError
+    from ..modalities import modality
 
     def write(piece: str) -> None:
         out.write(piece)
         out.flush()
 
-    pending = list(images)
+    pending = {**{k: list(v) for k, v in (inputs or {}).items()}, **({"image": list(images)} if images else {})}
+    commands = {f"/{name}": name for name in session.vlm.modalities}
     turns = 0
     print(f"pill chat: {INTERACTIVE_HELP}", file=err)
     it = iter(lines)
@@ -56,29 +59,36 @@ def interactive_chat(session: ChatSession, lines: Iterable[str], out: TextIO = s
             continue
         if text == "/clear":
             session.clear()
-            pending = []
+            pending = {}
             print("(conversation cleared)", file=err)
             continue
-        if text.split()[0] == "/image":
-            path = text[len("/image"):].strip().strip("'\"")
-            if not path:
-                print("usage: /image PATH", file=err)
+        word = text.split()[0]
+        if word in commands or word in ("/image", "/audio"):
+            path = text[len(word):].strip().strip("'\"")
+            if word not in commands:
+                print(f"error: this model reads no {word[1:]} inputs (its encoders: "
+                      f"{', '.join(session.vlm.modalities)})", file=err)
                 continue
+            if not path:
+                print(f"usage: {word} PATH", file=err)
+                continue
+            m = modality(commands[word])
             try:
-                pending.append(load_image(path))
+                pending.setdefault(m.name, []).append(m.load(path))
             except PillError as e:
                 print(f"error: {e}", file=err)
                 continue
-            print(f"(image attached to your next message: {path})", file=err)
+            print(f"({m.label} attached to your next message: {path})", file=err)
             continue
         try:
-            session.ask(text, pending, stream=write)
+            session.ask(text, pending.get("image", []), stream=write,
+                        inputs={k: v for k, v in pending.items() if k != "image"})
         except PillError as e:
             print(f"error: {e}", file=err)
             continue
         out.write("\n")
         out.flush()
-        pending = []
+        pending = {}
         turns += 1
     return turns
 
@@ -110,22 +120,29 @@ def _stdin_lines() -> Iterable[str]:
 
 def _chat(args: argparse.Namespace) -> int:
     from ..build import load_model
+    from ..data.audio import load_audio
     from ..data.images import load_image
+    from ..errors import PillError
 
     images = [load_image(p) for p in args.image or []]  # fail on a bad path before loading the model
+    clips = [load_audio(p) for p in args.audio or []]
     vlm = load_model(args.run, _device(args.device))
+    if clips and "audio" not in vlm.modalities:
+        raise PillError(f"--audio: this model reads no audio (its encoders: {', '.join(vlm.modalities)}); "
+                        "pass --run with a run trained with model.encoders.audio")
+    inputs = {"audio": clips} if clips else {}
     session = ChatSession(vlm, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed)
     prompt = " ".join(args.prompt).strip()
     if not prompt:
-        interactive_chat(session, _stdin_lines(), sys.stdout, sys.stderr, images=images)
+        interactive_chat(session, _stdin_lines(), sys.stdout, sys.stderr, images=images, inputs=inputs)
         return 0
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    session.ask(prompt, images, stream=write)
+    session.ask(prompt, images, stream=write, inputs=inputs)
     sys.stdout.write("\n")
     return 0
 
@@ -264,6 +281,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--run", metavar="DIR",
                       help="a finished training run (default: the embedded model with untrained plug-ins)")
     chat.add_argument("--image", action="append", metavar="PATH", help="an image for the first message (repeatable)")
+    chat.add_argument("--audio", action="append", metavar="PATH",
+                      help="an audio clip (WAV, FLAC, ...) for the first message (repeatable; needs a run with audio)")
     chat.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="answer length limit (default: 256)")
     chat.add_argument("--temperature", type=float, default=0.0, metavar="T",
                       help="0 for greedy decoding (default), > 0 to sample")
