@@ -70,7 +70,7 @@ class ModelConfig:
     def encoder_configs(self) -> dict[str, EncoderConfig]:
         """Modality name -> encoder: the image encoder, then ``encoders``."""
         image = EncoderConfig(self.vpg, self.vpg_path, self.vpg_layer, self.pool, self.feature_norm,
-                              self.image_mean, self.image_std)
+                              image_mean=self.image_mean, image_std=self.image_std)
         return {"image": image, **self.encoders}
 
     def __post_init__(self):
