@@ -557,3 +557,54 @@ def test_serve_takes_an_audio_upload_and_answers_with_it(tiny_whisper, monkeypat
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_openai_api_takes_input_audio_parts(tiny_whisper, monkeypatch):
+    """The official openai client sends an input_audio part (a WAV, base64) beside text and an image;
+    the clip reaches generate as audio tokens, a later turn keeps it, bad audio is an OpenAI error."""
+    import base64
+
+    openai = pytest.importorskip("openai")
+    from test_web_openai import data_url
+
+    from pill.encoders.efficientnet import EfficientNetVPG
+    from pill.encoders.whisper import WhisperAudioEncoder
+    from pill.models import build_llm_from_config, load_tokenizer
+    from pill.vlm import PillVLM
+    from pill.web import make_server, serve_in_thread
+
+    torch.manual_seed(0)
+    vlm = PillVLM(build_llm_from_config("llama"), EfficientNetVPG(pretrained=False, pool=2), load_tokenizer(),
+                  encoders={"audio": WhisperAudioEncoder.from_pretrained(str(tiny_whisper), max_seconds=2.0)})
+    server = make_server(vlm, "127.0.0.1", 0)
+    serve_in_thread(server)
+    try:
+        client = openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        buf = io.BytesIO()
+        sf.write(buf, tone(seconds=0.5, rate=8000), 8000, format="WAV")
+        clip = {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "wav"}}
+        seen = []
+        real_generate = vlm.generate
+        monkeypatch.setattr(vlm, "generate", lambda **kw: seen.append(kw) or real_generate(**kw))
+        audio_id, image_id = vlm.modalities["audio"].id, vlm.modalities["image"].id
+        per_clip = vlm.encoders["audio"].num_tokens
+        reply = client.chat.completions.create(model=model, max_tokens=3, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What do you hear and see?"}, clip,
+                                         {"type": "image_url", "image_url": {"url": data_url()}}]}])
+        assert isinstance(reply.choices[0].message.content, str)
+        ids = seen[-1]["modality_ids"]
+        assert int((ids == audio_id).sum()) == per_clip and int((ids == image_id).sum()) > 0
+        reply = client.chat.completions.create(model=model, max_tokens=3, messages=[
+            {"role": "user", "content": [clip, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": "A tone."},
+            {"role": "user", "content": [{"type": "text", "text": "And this one?"}, clip]}])
+        assert int((seen[-1]["modality_ids"] == audio_id).sum()) == 2 * per_clip  # the earlier turn's clip too
+        bad = {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"not audio").decode(), "format": "wav"}}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=model, max_tokens=3, messages=[
+                {"role": "user", "content": [{"type": "text", "text": "Hm?"}, bad]}])
+        assert e.value.body["code"] == "invalid_audio" and "input_audio" in e.value.body["message"]
+    finally:
+        server.shutdown()
+        server.server_close()

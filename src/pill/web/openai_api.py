@@ -5,8 +5,10 @@ PILL model.
 Messages come in OpenAI's shape: ``content`` is a string or a list of parts, ``{"type": "text",
 "text"}`` and ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``. Only
 ``data:`` URLs of PNG or JPEG images are read: fetching a remote URL would let any request make
-the server call any address. An image sits where its part is (its placeholder goes there), in
-earlier turns too. The answer comes through the same :class:`~pill.chat.ChatSession` as the page
+the server call any address. A model that reads audio also takes ``{"type": "input_audio",
+"input_audio": {"data": base64, "format": "wav"}}`` parts (WAV, FLAC or OGG, decoded by the audio
+modality's loader). An input sits where its part is (its placeholder goes there), in earlier
+turns too. The answer comes through the same :class:`~pill.chat.ChatSession` as the page
 and ``pill chat``, under the same limits and queue. Errors are OpenAI's error object
 ``{"error": {message, type, param, code}}``.
 """
@@ -23,6 +25,7 @@ from typing import Any, Callable, Optional
 from .app import SETTINGS, RequestError
 
 MAX_IMAGES = 8  # images in one request, all turns together
+MAX_CLIPS = 8  # audio clips in one request, all turns together
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg")
 
 
@@ -104,35 +107,40 @@ def parse_request(body: bytes, app, served_model: str) -> dict:
     if top_p == 0:
         raise ApiError(400, "top_p must be above 0", "top_p", "invalid_value")
     seed = _number(req, "seed", -2**63, 2**63 - 1, None, whole=True)
-    system, history, images = _messages(req.get("messages"), app)
+    system, history, inputs = _messages(req.get("messages"), app)
     question = history.pop()
-    n_now = question["content"].count(app.modalities["image"].placeholder)
-    earlier = images[:len(images) - n_now]
+    earlier, now = {}, {}
+    for name, items in inputs.items():  # the last message's inputs are asked about; the rest are history
+        n_now = question["content"].count(app.modalities[name].placeholder)
+        if items[:len(items) - n_now]:
+            earlier[name] = items[:len(items) - n_now]
+        if n_now:
+            now[name] = items[len(items) - n_now:]
     if system is not None:
         history.insert(0, {"role": "system", "content": system})
-    return {"history": history, "history_inputs": {"image": earlier} if earlier else {},
-            "question": question["content"], "images": images[len(earlier):],
+    return {"history": history, "history_inputs": earlier,
+            "question": question["content"], "images": now.pop("image", []), "inputs": now,
             "settings": {"max_new_tokens": max_tokens, "do_sample": temperature > 0, "temperature": temperature,
                          "top_p": top_p, "seed": seed},
             "stream": stream, "include_usage": bool(isinstance(options, dict) and options.get("include_usage"))}
 
 
-def _messages(raw: Any, app) -> tuple[Optional[str], list[dict], list]:
-    """OpenAI messages -> (system text, [{role, content with placeholders}], decoded images in order)."""
+def _messages(raw: Any, app) -> tuple[Optional[str], list[dict], dict[str, list]]:
+    """OpenAI messages -> (system text, [{role, content with placeholders}], decoded inputs in order by
+    modality: ``image`` from image_url parts, ``audio`` from input_audio parts)."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "messages must be a non-empty list", "messages", "invalid_value")
     if "image" not in app.modalities:
         raise ApiError(400, "this model reads no images", "messages", "invalid_value")
-    placeholder = app.modalities["image"].placeholder
     limits = app.limits
-    system, out, images = None, [], []
+    system, out, inputs = None, [], {"image": [], **({"audio": []} if "audio" in app.modalities else {})}
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise ApiError(400, f"{where} must be {{role: system|user|assistant, content}}", f"{where}.role",
                            "invalid_value")
         role = "system" if m["role"] == "developer" else m["role"]
-        text = _content(m.get("content"), where, role, images, app, placeholder)
+        text = _content(m.get("content"), where, role, inputs, app)
         if len(text) > limits.max_message_chars:
             raise ApiError(400, f"{where} is longer than {limits.max_message_chars} characters", f"{where}.content",
                            "string_above_max_length")
@@ -151,12 +159,15 @@ def _messages(raw: Any, app) -> tuple[Optional[str], list[dict], list]:
     if len(out) > limits.max_history_messages + 1:
         raise ApiError(400, f"the conversation is too long ({len(out)} messages, at most "
                             f"{limits.max_history_messages + 1})", "messages", "invalid_value")
-    if not out[-1]["content"].replace(placeholder, "").strip():
+    last = out[-1]["content"]
+    for name in inputs:
+        last = last.replace(app.modalities[name].placeholder, "")
+    if not last.strip():
         raise ApiError(400, "the last user message has no text", "messages", "invalid_value")
-    return system, out, images
+    return system, out, inputs
 
 
-def _content(content: Any, where: str, role: str, images: list, app, placeholder: str) -> str:
+def _content(content: Any, where: str, role: str, inputs: dict[str, list], app) -> str:
     if isinstance(content, str):
         text = content
         parts = []
@@ -183,15 +194,24 @@ def _content(content: Any, where: str, role: str, images: list, app, placeholder
         elif kind == "image_url":
             if role != "user":
                 raise ApiError(400, f"{pwhere}: images go in user messages", f"{pwhere}.type", "invalid_value")
-            if len(images) >= MAX_IMAGES:
+            if len(inputs["image"]) >= MAX_IMAGES:
                 raise ApiError(400, f"at most {MAX_IMAGES} images per request", pwhere, "invalid_value")
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
-            images.append(_data_url_image(url, f"{pwhere}.image_url.url", app))
-            pieces.append(placeholder)
+            inputs["image"].append(_data_url_image(url, f"{pwhere}.image_url.url", app))
+            pieces.append(app.modalities["image"].placeholder)
+        elif kind == "input_audio":
+            if "audio" not in inputs:
+                raise ApiError(400, f"{pwhere}: this model reads no audio", f"{pwhere}.type", "invalid_value")
+            if role != "user":
+                raise ApiError(400, f"{pwhere}: audio goes in user messages", f"{pwhere}.type", "invalid_value")
+            if len(inputs["audio"]) >= MAX_CLIPS:
+                raise ApiError(400, f"at most {MAX_CLIPS} audio clips per request", pwhere, "invalid_value")
+            inputs["audio"].append(_input_audio(part.get("input_audio"), f"{pwhere}.input_audio", app))
+            pieces.append(app.modalities["audio"].placeholder)
         else:
-            raise ApiError(400, f"{pwhere}: unsupported content part {kind!r} (text and image_url are read)",
-                           f"{pwhere}.type", "invalid_value")
+            raise ApiError(400, f"{pwhere}: unsupported content part {kind!r} (text, image_url and input_audio "
+                                "are read)", f"{pwhere}.type", "invalid_value")
     return "\n".join(pieces)
 
 
@@ -216,6 +236,28 @@ def _data_url_image(url: Any, param: str, app):
         return app.decode("image", raw, param)
     except RequestError as e:
         raise ApiError(e.status, str(e), param, "invalid_image" if e.status == 400 else "image_too_large") from None
+
+
+def _input_audio(part: Any, param: str, app):
+    """An ``input_audio`` part (``{"data": base64, "format": "wav"|"mp3"|...}``) decoded by the audio
+    modality's loader, within its upload limit."""
+    if not isinstance(part, dict) or not isinstance(part.get("data"), str):
+        raise ApiError(400, "input_audio must be {data: base64 audio, format: wav|flac|ogg|mp3}", param,
+                       "invalid_value")
+    fmt = str(part.get("format", "wav")).lower()
+    limit = app.limits.upload_bytes("audio")
+    if len(part["data"]) > 4 * (limit + 2) // 3:
+        raise ApiError(413, f"the audio clip is larger than the limit of {limit / 2**20:.1f} MB", f"{param}.data",
+                       "audio_too_large")
+    try:
+        raw = base64.b64decode(part["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "the audio data is not valid base64", f"{param}.data", "invalid_audio") from None
+    try:
+        return app.decode("audio", raw, f"{param}.{fmt}")
+    except RequestError as e:
+        raise ApiError(e.status, str(e), f"{param}.data",
+                       "invalid_audio" if e.status == 400 else "audio_too_large") from None
 
 
 def completion_id() -> str:
@@ -252,7 +294,8 @@ def run(app, request: dict, on_piece: Optional[Callable[[str], None]] = None) ->
                                   temperature=s["temperature"] if s["do_sample"] else 0.0, top_p=s["top_p"],
                                   seed=s["seed"], system_prompt=_system(request), history=_turns(request),
                                   inputs=request["history_inputs"])
-            text = session.ask(request["question"], request["images"], stream=on_piece)
+            text = session.ask(request["question"], request["images"], inputs=request.get("inputs"),
+                               stream=on_piece)
         except ContextError as e:
             raise ApiError(400, str(e), "messages", "context_length_exceeded") from None
         except PillError as e:
