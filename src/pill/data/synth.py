@@ -266,7 +266,12 @@ def plan_split(n: int, seed: int, split: str, *, mix: Optional[dict] = None, siz
         raise ValueError(f"unknown question categories {sorted(unknown)}; valid: {', '.join(_INFO)}")
     rng = random.Random(f"pill-synth:{_SCENE_STREAM}:{seed}:{split}")
     balancer = _Balancer(random.Random(f"pill-synth-positions:{seed}:{split}"))
-    # exact category counts (largest remainder), then a shuffled order
+    return [_problem(rng, balancer, c, size) for c in deal_categories(n, mix, rng)]
+
+
+def deal_categories(n: int, mix: dict, rng: random.Random) -> list[str]:
+    """``n`` question categories in the proportions of ``mix`` (exact counts by largest remainder),
+    in an order shuffled by ``rng``."""
     total = sum(mix.values())
     quota = {c: n * w / total for c, w in mix.items()}
     counts = {c: int(q) for c, q in quota.items()}
@@ -274,7 +279,7 @@ def plan_split(n: int, seed: int, split: str, *, mix: Optional[dict] = None, siz
         counts[c] += 1
     categories = [c for c in mix for _ in range(counts[c])]
     rng.shuffle(categories)
-    return [_problem(rng, balancer, c, size) for c in categories]
+    return categories
 
 
 # -- rendering ---------------------------------------------------------------------------

@@ -206,14 +206,9 @@ def plan_split(n: int, seed: int, split: str, *, mix: Optional[dict] = None) -> 
         raise ValueError(f"unknown question categories {sorted(unknown)}; valid: {', '.join(_INFO)}")
     rng = random.Random(f"pill-synth-audio:{seed}:{split}")
     deck = _Deck(random.Random(f"pill-synth-audio-decks:{seed}:{split}"))
-    total = sum(mix.values())
-    quota = {c: n * w / total for c, w in mix.items()}
-    counts = {c: int(q) for c, q in quota.items()}
-    for c in sorted(quota, key=lambda c: counts[c] - quota[c])[: n - sum(counts.values())]:
-        counts[c] += 1
-    categories = [c for c in mix for _ in range(counts[c])]
-    rng.shuffle(categories)
-    return [_problem(rng, deck, split, c) for c in categories]
+    from .synth import deal_categories
+
+    return [_problem(rng, deck, split, c) for c in deal_categories(n, mix, rng)]
 
 
 def _phrase(s: dict) -> str:
