@@ -143,13 +143,20 @@ class _Balancer:
 def _options(rng: random.Random, balancer: _Balancer, category: str, answer: str, preferred: Sequence[str],
              pool: Sequence[str], n: int) -> tuple[list[str], int]:
     """``n`` options: the answer at a balanced position, distractors from ``preferred`` first."""
+    return place_options(rng, answer, preferred, pool, n, lambda: balancer.position(category, n))
+
+
+def place_options(rng: random.Random, answer: str, preferred: Sequence[str], pool: Sequence[str], n: int,
+                  position) -> tuple[list[str], int]:
+    """``n`` options: ``answer`` at ``position()`` (a balanced draw), distractors from ``preferred``
+    first, then from ``pool``; returns (options, answer index)."""
     pref = [p for p in dict.fromkeys(preferred) if p != answer]
     rng.shuffle(pref)
     rest = [p for p in pool if p != answer and p not in pref]
     rng.shuffle(rest)
     distractors = (pref + rest)[: n - 1]
     rng.shuffle(distractors)
-    pos = balancer.position(category, n)
+    pos = position()
     return distractors[:pos] + [answer] + distractors[pos:], pos
 
 

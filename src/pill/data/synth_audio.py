@@ -131,14 +131,9 @@ def _insert_extra(rng: random.Random, split: str, segments: list, kinds: Sequenc
 def _options(rng: random.Random, deck: _Deck, category: str, answer: str, preferred: Sequence[str],
              pool: Sequence[str], n: int) -> tuple[list[str], int]:
     """``n`` options: the answer at a balanced position, distractors from ``preferred`` first."""
-    pref = [p for p in dict.fromkeys(preferred) if p != answer]
-    rng.shuffle(pref)
-    rest = [p for p in pool if p != answer and p not in pref]
-    rng.shuffle(rest)
-    distractors = (pref + rest)[: n - 1]
-    rng.shuffle(distractors)
-    pos = deck.draw(("position", category, n), range(n))
-    return distractors[:pos] + [answer] + distractors[pos:], pos
+    from .synth import place_options
+
+    return place_options(rng, answer, preferred, pool, n, lambda: deck.draw(("position", category, n), range(n)))
 
 
 def _problem(rng: random.Random, deck: _Deck, split: str, category: str) -> dict:
