@@ -47,6 +47,21 @@ class RequestError(Exception):
         self.status = status
 
 
+def read_json_object(body: bytes, error: type = None) -> dict:
+    """A request body that must be one JSON object; anything else is ``error`` (RequestError or a
+    subclass) with status 400: not UTF-8, not JSON, nested too deeply, not an object."""
+    error = error or RequestError
+    try:
+        req = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(400, f"the request is not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(400, "the request is not valid JSON (nested too deeply)") from None
+    if not isinstance(req, dict):
+        raise error(400, "the request must be a JSON object")
+    return req
+
+
 class ClientGone(Exception):
     """The browser closed the connection while its answer was being written."""
 
@@ -331,14 +346,7 @@ class DemoApp:
         ``image_id`` is ``inputs.image``. Returns ``{question, inputs: {modality: [decoded]},
         history, settings}``.
         """
-        try:
-            req = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, f"the request is not valid JSON ({e})") from None
-        except RecursionError:
-            raise RequestError(400, "the request is not valid JSON (nested too deeply)") from None
-        if not isinstance(req, dict):
-            raise RequestError(400, "the request must be a JSON object")
+        req = read_json_object(body)
         question = req.get("question")
         if not isinstance(question, str) or not question.strip():
             raise RequestError(400, "type a question first")

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import secrets
 import time
 from typing import Any, Callable, Optional
 
-from .app import SETTINGS, RequestError
+from .app import SETTINGS, RequestError, read_json_object
 
 MAX_IMAGES = 8  # images in one request, all turns together
 MAX_CLIPS = 8  # audio clips in one request, all turns together
@@ -78,14 +77,7 @@ def parse_request(body: bytes, app, served_model: str) -> dict:
     """A Chat Completions request -> ``{history, history_inputs, question, images, settings, stream,
     include_usage}``; the images are decoded with the image modality's loader. ApiError names the
     bad field."""
-    try:
-        req = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ApiError(400, "the request is not valid JSON (nested too deeply)") from None
-    if not isinstance(req, dict):
-        raise ApiError(400, "the request must be a JSON object")
+    req = read_json_object(body, ApiError)
     model = req.get("model")
     if model != served_model:
         raise ApiError(404, f"the model {model!r} is not served here; this server serves {served_model!r}",
