@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from . import attention
 from .config import PillConfig
 from .errors import ConfigError, DataError
 from .families import Family, family_of
@@ -115,6 +116,7 @@ class PillHandle:
     input_hooks: list = field(default_factory=list)  # their forward pre-hooks
     requires_grad: dict[str, bool] = field(default_factory=dict)
     hook: Optional[torch.utils.hooks.RemovableHandle] = None
+    attention_switched: bool = False  # sdpa -> pill.attention (float32 attention backward on CPU)
 
 
 def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +255,9 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
     no norm to wrap); every plug-in parameter name contains ``pill_``. At this point the
     plugged model computes exactly what the base model computes on text-only input.
     After plugging, ``model(input_ids, modality_ids=m)`` routes tokens by modality
-    (``m``: (B, T) long, 0 = text, 1 = image).
+    (``m``: (B, T) long, 0 = text, 1 = image). An ``sdpa`` attention becomes
+    :data:`pill.attention.NAME`: the same, with the attention backward of bf16 training on CPU in
+    float32, which is faster there.
     """
     config = config or PillConfig()
     if is_plugged(model):
@@ -321,6 +325,7 @@ def plug(model: nn.Module, config: PillConfig | None = None) -> nn.Module:
         return args, kwargs
 
     handle.hook = decoder.register_forward_pre_hook(take_modality_ids, with_kwargs=True)
+    handle.attention_switched = attention.use(model)
     model.pill_handle = handle
     set_stage(model, "finetune")
     return model
@@ -368,6 +373,8 @@ def unplug(model: nn.Module) -> nn.Module:
             hook.remove()
     for n, p in model.named_parameters():
         p.requires_grad_(handle.requires_grad.get(n, p.requires_grad))
+    if handle.attention_switched:
+        attention.restore(model)
     del model.pill_handle
     return model
 
