@@ -88,3 +88,18 @@ def test_same_result_as_sdpa(family):
     torch.testing.assert_close(lp, lb, rtol=0.05, atol=0.05)
     cos = F.cosine_similarity(emb_p.grad.flatten(), emb_b.grad.flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_cpu_attention_bench_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "cpu_attention.py"
+    spec = importlib.util.spec_from_file_location("cpu_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "a.json"
+    r = mod.main(["--batch", "2", "--tokens", "16", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+                  "--reps", "1", "--out", str(out)])
+    assert set(r["median_ms"]) == {"float32", "bf16_sdpa", "bf16_pill"}
+    assert all(v > 0 for v in r["median_ms"].values()) and out.is_file()
