@@ -136,3 +136,20 @@ def test_cli_without_espeak_says_how_to_install_it(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "espeak-ng is not installed" in err and ".ci/install-espeak" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
+
+
+@needs_espeak
+def test_parallel_speech_prefetch_renders_the_same_samples():
+    import numpy as np
+
+    from pill.data.synth_audio import Renderer
+
+    clips = [p["clip"] for p in plan_split(12, 3, "train")]
+    one_by_one = Renderer()
+    expected = [one_by_one.clip(c) for c in clips]
+    parallel = Renderer()
+    n = parallel.prefetch(clips, workers=4)
+    assert n == len(parallel._speech) > 0
+    assert parallel.prefetch(clips, workers=4) == 0  # nothing left to render
+    for c, x in zip(clips, expected):
+        np.testing.assert_array_equal(parallel.clip(c), x)

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -283,23 +284,45 @@ class Renderer:
         self.espeak = espeak_binary()
         self._speech: dict[tuple, np.ndarray] = {}
 
+    def _render(self, key: tuple) -> np.ndarray:
+        import soundfile as sf
+
+        from .audio import resample
+
+        text, voice, pitch, speed = key
+        run = subprocess.run([self.espeak, "-v", voice, "-p", str(pitch), "-s", str(speed), "--stdout", text],
+                             capture_output=True, check=False)
+        if run.returncode != 0 or not run.stdout:
+            raise PillError(f"espeak-ng -v {voice} failed on {text!r}: {run.stderr.decode(errors='replace')[:200]}")
+        data, rate = sf.read(io.BytesIO(run.stdout), dtype="float32", always_2d=True)
+        x = resample(data.mean(axis=1), rate)
+        loud = np.flatnonzero(np.abs(x) > 0.01 * np.abs(x).max())
+        x = x[loud[0]:loud[-1] + 1] if loud.size else x  # trim the silence espeak leaves around a word
+        return (x / max(1e-6, float(np.abs(x).max()))).astype(np.float32)
+
     def speech(self, text: str, voice: str, pitch: int, speed: int) -> np.ndarray:
         key = (text, voice, pitch, speed)
         if key not in self._speech:
-            import soundfile as sf
-
-            from .audio import resample
-
-            run = subprocess.run([self.espeak, "-v", voice, "-p", str(pitch), "-s", str(speed), "--stdout", text],
-                                 capture_output=True, check=False)
-            if run.returncode != 0 or not run.stdout:
-                raise PillError(f"espeak-ng -v {voice} failed on {text!r}: {run.stderr.decode(errors='replace')[:200]}")
-            data, rate = sf.read(io.BytesIO(run.stdout), dtype="float32", always_2d=True)
-            x = resample(data.mean(axis=1), rate)
-            loud = np.flatnonzero(np.abs(x) > 0.01 * np.abs(x).max())
-            x = x[loud[0]:loud[-1] + 1] if loud.size else x  # trim the silence espeak leaves around a word
-            self._speech[key] = (x / max(1e-6, float(np.abs(x).max()))).astype(np.float32)
+            self._speech[key] = self._render(key)
         return self._speech[key]
+
+    def prefetch(self, clips: Iterable[dict], workers: Optional[int] = None, progress: bool = False) -> int:
+        """Synthesise every spoken segment of ``clips`` not yet rendered, ``workers`` espeak-ng processes
+        at a time (default: one per CPU core); returns how many were rendered. The result is the same
+        as rendering them one by one: each is its own espeak-ng run."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        keys = sorted({(s["text"], s["voice"], s["pitch"], s["speed"]) for c in clips for s in c["segments"]
+                       if s["kind"] in ("digit", "word")} - set(self._speech))
+        workers = workers or max(1, min(8, os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            rendered = pool.map(self._render, keys)
+            for key, x in tqdm(zip(keys, rendered), desc="speech (espeak-ng)", total=len(keys), leave=False,
+                               disable=None if progress else True):
+                self._speech[key] = x
+        return len(keys)
 
     def segment(self, s: dict) -> np.ndarray:
         if s["kind"] in ("digit", "word"):
@@ -367,6 +390,7 @@ def make_synth_audio(out_dir: Union[str, Path], n_train: int, n_test: int, seed:
             next_id += 1
             problems[qid] = {**p, "split": split}
             pid_splits[split].append(qid)
+    renderer.prefetch((p["clip"] for p in problems.values()), progress=progress)
     for qid, p in tqdm(problems.items(), desc="synthesising", total=len(problems), disable=None if progress else True,
                        leave=False):
         _write(out / "audio" / p["split"] / qid / "clip.wav", encode_wav(renderer.clip(p["clip"]), SAMPLE_RATE))
