@@ -289,7 +289,7 @@ def check_family(kind: str, device: torch.device, log=_log) -> dict:
     with torch.no_grad(), _autocast(device):
         k_plain = _kernels(lambda: vlm(**inp, logits="none"), device)
         k_pad = _kernels(lambda: vlm(**padded, logits="none"), device)
-    impl = getattr(vlm.llm.config, "_attn_implementation", None)
+    impl = getattr(vlm.llm.config, "_attn_implementation", None)  # pill_sdpa: SDPA via pill.attention
     forced = None
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -301,7 +301,7 @@ def check_family(kind: str, device: torch.device, log=_log) -> dict:
             forced = True
         except RuntimeError as e:
             forced = f"no fused kernel: {str(e).splitlines()[0]}"
-    ok = impl == "sdpa" and bool(k_plain) and (device.type != "cuda" or (bool(_fused(k_plain)) and forced is True))
+    ok = impl in ("sdpa", "pill_sdpa") and bool(k_plain) and (device.type != "cuda" or (bool(_fused(k_plain)) and forced is True))
     out["sdpa"] = {"attn_implementation": impl, "kernels_no_padding": k_plain, "kernels_padding": k_pad,
                    "flash_or_efficient_forced": forced, "ok": ok}
     out["ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))

@@ -69,7 +69,7 @@ def test_sdpa_stays_in_use(monkeypatch):
     ids = torch.randint(0, 2000, (1, 6))
     mods = torch.tensor([[0, 1, 1, 0, 0, 0]])
     model(ids, modality_ids=mods)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "pill_sdpa"  # SDPA through pill.attention
     assert len(calls) == model.config.num_hidden_layers
 
 
