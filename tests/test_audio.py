@@ -608,3 +608,20 @@ def test_openai_api_takes_input_audio_parts(tiny_whisper, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_align_modality_follows_the_samples():
+    """Aligning audio-only samples gives the last layer's text tokens to the audio expert; images,
+    or several modalities, keep the image expert."""
+    from types import SimpleNamespace
+
+    from pill.data import Sample
+    from pill.train.loop import align_modality
+
+    vlm = SimpleNamespace(modalities={"image": SimpleNamespace(id=IMAGE), "audio": SimpleNamespace(id=AUDIO)})
+    audio = Sample(id="a", messages=[], media={"audio": ["x.wav"]})
+    image = Sample(id="i", messages=[], images=["x.png"])
+    assert align_modality(vlm, [audio, audio]) == "audio"
+    assert align_modality(vlm, [image]) == "image"
+    assert align_modality(vlm, [image, audio]) == "image"
+    assert align_modality(vlm, [Sample(id="t", messages=[])]) == "image"

@@ -73,7 +73,7 @@ def test_audio_demo_stages_read_the_audio_benchmark(tmp_path):
     assert (align.optim.max_steps, finetune.optim.max_steps) == (3, 4)
     assert finetune.data.root == str(data) and finetune.init_from == str(tmp_path / "align")
     assert finetune.model.encoders["audio"] == audio
-    with pytest.raises(ConfigError, match="demo modality: one of image, audio, got 'smell'"):
+    with pytest.raises(ConfigError, match=r"demo modality: one of image, audio, image\+audio, got 'smell'"):
         resolve_settings(DemoSettings(modality="smell"))
 
 
@@ -99,3 +99,31 @@ def test_quick_audio_demo_writes_report_and_plots(tmp_path, monkeypatch):
     w = load_file(str(out / "finetune" / "pill.safetensors"))
     assert w["pill_projector.audio.weight"].shape == (576, 512)  # Whisper-base's width
     assert int(w["pill_feature_norm.audio.count"]) == 16 * 63  # 16 training clips, 63 tokens each (5 s, pool 4)
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_quick_image_audio_demo_trains_one_model_on_both_benchmarks(tmp_path, monkeypatch):
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed; enable with: sudo bash .ci/install-espeak")
+    from safetensors.torch import load_file
+
+    from pill.demo import DemoSettings, run_demo
+
+    monkeypatch.setenv("PILL_PRECISION", "float32")
+    st = DemoSettings(out=str(tmp_path / "demo-image-audio"), n_train=12, n_test=6, align_steps=2, finetune_steps=2,
+                      batch_size=4, max_new_tokens=8, quick=True, modality="image+audio")
+    report = run_demo(st)
+    out = tmp_path / "demo-image-audio"
+    assert report["modality"] == "image+audio" and report["test_problems"] == 12  # 6 of each benchmark
+    assert set(report["per_benchmark_after"]) == {"image", "audio"}
+    assert set(report["per_type_after"]) <= {"color", "shape", "position", "count", "exists",
+                                             "digit", "tone", "beeps", "order"}
+    w = load_file(str(out / "finetune" / "pill.safetensors"))
+    assert int(w["pill_feature_norm.image.count"]) == 12 * 16 and int(w["pill_feature_norm.audio.count"]) == 12 * 63
+    gates = json.loads((out / "finetune" / "gates.json").read_text())
+    assert set(gates["by_modality"]) == {"image", "audio"}
+    assert all(len(g["mean_abs_gate"]) == 30 for g in gates["by_modality"].values())
+    assert (out / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -94,10 +94,13 @@ def _load_yaml(path: str) -> dict:
 def _demo(args) -> int:
     from .demo import DemoSettings, run_demo
 
-    out = args.out or ("runs/demo-audio" if args.modality == "audio" else "runs/demo")
+    out = args.out or {"audio": "runs/demo-audio", "image+audio": "runs/demo-image-audio"}.get(args.modality,
+                                                                                                "runs/demo")
     st = DemoSettings(out=out, seed=args.seed, modality=args.modality)
-    if args.modality == "audio":
+    if args.modality != "image":
         st.max_new_tokens = 64  # the clip's description, the fact and the letter
+    if args.modality == "image+audio":  # each benchmark gets the steps of its own demo
+        st.align_steps, st.finetune_steps = 2 * st.align_steps, 2 * st.finetune_steps
     if args.quick:  # a shortened run that checks every step of the pipeline in about a minute
         st.n_train, st.n_test, st.align_steps, st.finetune_steps, st.quick = 48, 16, 2, 3, True
     for name in ("n_train", "n_test", "align_steps", "finetune_steps", "batch_size", "eval_mode", "precision",
@@ -192,9 +195,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="the whole method on CPU: benchmark, before/after, two training stages")
     p.add_argument("--out", default=None, help="run directory (default: runs/demo, with --modality audio "
-                                               "runs/demo-audio)")
-    p.add_argument("--modality", choices=["image", "audio"], default="image",
-                   help="image: the shapes benchmark (default); audio: the audio benchmark, Whisper-base encoder")
+                                               "runs/demo-audio, image+audio runs/demo-image-audio)")
+    p.add_argument("--modality", choices=["image", "audio", "image+audio"], default="image",
+                   help="image: the shapes benchmark (default); audio: the audio benchmark, Whisper-base encoder; "
+                        "image+audio: one model trained on both (twice the steps), each benchmark reported")
     p.add_argument("--quick", action="store_true", help="a few steps on a tiny benchmark (checks the pipeline)")
     p.add_argument("--n-train", type=positive_int)
     p.add_argument("--n-test", type=positive_int)

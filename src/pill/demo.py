@@ -10,7 +10,10 @@
 ``modality="audio"`` (``pill demo --modality audio``) runs the same steps on the built-in audio
 benchmark (:mod:`pill.data.synth_audio`) with the embedded Whisper-base as the audio encoder; its
 gate plot shows the audio tokens' gates beside the image tokens' of an image demo run next to it
-(``<out>/../demo``), when there is one.
+(``<out>/../demo``), when there is one. ``modality="image+audio"`` trains one model on both
+benchmarks, joined into one (:func:`pill.data.combine.combine_benchmarks`: problem ids ``i...`` and
+``a...``), with as many steps as the two single-modality demos together, and reports each
+benchmark's accuracy and each modality's gates.
 """
 from __future__ import annotations
 
@@ -49,13 +52,27 @@ class DemoSettings:
     # auto: bf16 autocast where the CPU has native bf16 (about 1.4x faster), else float32 (pill.precision)
     precision: str = "auto"
     quick: bool = False
-    modality: str = "image"  # or "audio": the audio benchmark and the Whisper encoder
+    modality: str = "image"  # or "audio": the audio benchmark and the Whisper encoder; or "image+audio"
 
 
-MODALITIES = ("image", "audio")
+MODALITIES = ("image", "audio", "image+audio")
+# the shipped demo configs of each modality: configs/demo/stage{1,2}_<kind>.yaml
+_CONFIG_KIND = {"image": "synth", "audio": "audio", "image+audio": "image_audio"}
+# problem-id prefixes of the benchmarks joined by image+audio
+SOURCES = {"i": "image", "a": "audio"}
 
 
 def _synth(root: Path, st: DemoSettings) -> Path:
+    if st.modality == "image+audio":
+        from dataclasses import replace
+
+        from .data.combine import combine_benchmarks
+
+        parts = {prefix: _synth(root.parent / f"data-{name}", replace(st, modality=name))
+                 for prefix, name in SOURCES.items()}
+        info = combine_benchmarks(parts, root)
+        print(f"benchmark: joined {', '.join(str(p) for p in parts.values())} into {root} ({info['splits']})")
+        return root
     if st.modality == "audio":
         from .data.synth_audio import GENERATOR_VERSION, make_synth_audio as make_synth
     else:
@@ -75,10 +92,11 @@ def _synth(root: Path, st: DemoSettings) -> Path:
     return root
 
 
-def _per_category(result: dict, problems: dict) -> dict[str, float]:
+def _per_category(result: dict, problems: dict, field: str = "category") -> dict[str, float]:
     right: dict[str, list[int]] = {}
     for qid, pred in result["predictions"].items():
-        cat = problems[qid].get("category", "all")
+        cat = problems[qid].get(field, "all")
+        cat = SOURCES.get(cat, cat) if field == "source" else cat
         right.setdefault(cat, []).append(int(pred == problems[qid]["answer"]))
     return {c: sum(v) / len(v) for c, v in sorted(right.items())}
 
@@ -101,14 +119,15 @@ def stage_config(st: DemoSettings, precision, data: Path, out: Path, stage: str)
     """The validated config of one demo stage: the shipped demo YAML with this run's settings."""
     from .runconfig import load_config
 
-    kind = "audio" if st.modality == "audio" else "synth"
+    kind = _CONFIG_KIND[st.modality]
     name = f"stage1_{kind}.yaml" if stage == "align" else f"stage2_{kind}.yaml"
     steps = st.align_steps if stage == "align" else st.finetune_steps
     overrides = [f"train.seed={st.seed}", f"optim.max_steps={steps}", f"optim.batch_size={st.batch_size}",
                  f"optim.micro_batch_size={st.batch_size}", f"train.mixed_precision={precision.mixed_precision}"]
-    if st.modality == "image":
+    if st.modality != "audio":
         overrides.append(f"model.pool={'null' if st.pool is None else st.pool}")
-    folder = data / ("audio" if st.modality == "audio" else "images")  # what the captions' paths are relative to
+    # what the captions' paths are relative to
+    folder = {"audio": data / "audio", "image": data / "images", "image+audio": data}[st.modality]
     if stage == "align":
         overrides += [f"data.json={data / 'captions_llava.json'}", f"data.image_folder={folder}"]
     else:
@@ -156,6 +175,8 @@ def run_demo(st: DemoSettings) -> dict:
     report = {
         "accuracy_before": before["Avg"] / 100, "accuracy_after": after["Avg"] / 100,
         "per_type_before": _per_category(before, problems), "per_type_after": _per_category(after, problems),
+        **({"per_benchmark_before": _per_category(before, problems, "source"),
+            "per_benchmark_after": _per_category(after, problems, "source")} if st.modality == "image+audio" else {}),
         "chance": _chance(problems, before["predictions"]),
         "test_problems": after["count"], "eval_mode": st.eval_mode,
         "wall_seconds": time.time() - t0, "timings_seconds": timings,
@@ -209,11 +230,24 @@ def _figures(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, runs: dict[
     from .data.scienceqa import load_scienceqa
     from .eval.plots import plot_gates, plot_training, read_metrics
 
+    def measure(sample) -> dict:
+        batch = Collator(vlm.processor, padding_side="left")(prompt_items(sample, vlm.processor))
+        keys = {"input_ids", "attention_mask", "modality_ids"} | {m.inputs_key for m in vlm.modalities.values()}
+        return vlm.measure_gates(**{k: v for k, v in batch.items() if k in keys})
+
+    if st.modality == "image+audio":  # each modality's gates on 16 test problems of its own benchmark
+        test = load_scienceqa(data, "test", prompt_format=fmt, progress=False, system_prompt=vlm.system_prompt)
+        per = {name: measure([x for x in test if x.id.startswith(prefix)][:16]) for prefix, name in SOURCES.items()}
+        gates = {**per["image"], "by_modality": per}
+        write_atomic(runs["finetune"] / "gates.json", json.dumps(gates))
+        plot_gates({f"{name} tokens": g["mean_abs_gate"] for name, g in per.items()}, out / "gates.png",
+                   layers=gates["layers"], title="mean |tanh(gate)| of image and audio tokens per layer (stage 2, "
+                                                 "one model)")
+        _loss_plot(st, out, runs)
+        return
     sample = load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False,
                             system_prompt=vlm.system_prompt)
-    batch = Collator(vlm.processor, padding_side="left")(prompt_items(sample, vlm.processor))
-    keys = {"input_ids", "attention_mask", "modality_ids"} | {m.inputs_key for m in vlm.modalities.values()}
-    gates = vlm.measure_gates(**{k: v for k, v in batch.items() if k in keys})
+    gates = measure(sample)
     write_atomic(runs["finetune"] / "gates.json", json.dumps(gates))
     series = {f"{st.modality} tokens": gates["mean_abs_gate"]}
     image_run = out.parent / "demo" / "finetune" / "gates.json"
@@ -224,6 +258,12 @@ def _figures(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, runs: dict[
                       f"image tokens ({image_run.parent.parent})": image["mean_abs_gate"]}
     plot_gates(series if len(series) > 1 else gates["mean_abs_gate"], out / "gates.png", layers=gates["layers"],
                title=f"mean |tanh(gate)| of {' and '.join(k.split()[0] for k in series)} tokens per layer (stage 2)")
+    _loss_plot(st, out, runs)
+
+
+def _loss_plot(st: DemoSettings, out: Path, runs: dict[str, Path]) -> None:
+    from .eval.plots import plot_training, read_metrics
+
     records = read_metrics(runs["align"] / "metrics.jsonl") + [
         {**r, "step": r["step"] + st.align_steps} for r in read_metrics(runs["finetune"] / "metrics.jsonl")]
     plot_training(records, out / "loss.png", title="pill demo: stage 1 (align) then stage 2 (fine-tune)")
@@ -237,6 +277,9 @@ def format_report(r: dict) -> str:
     lines = ["", f"| question type | before | after |", "|---|---:|---:|"]
     for cat in r["per_type_after"]:
         lines.append(f"| {cat} | {100 * r['per_type_before'].get(cat, 0):.1f}% | {100 * r['per_type_after'][cat]:.1f}% |")
+    for name, acc in r.get("per_benchmark_after", {}).items():
+        lines.append(f"| *{name} benchmark* | *{100 * r['per_benchmark_before'].get(name, 0):.1f}%* | "
+                     f"*{100 * acc:.1f}%* |")
     lines.append(f"| **all ({r['test_problems']} problems; chance {100 * r['chance']:.1f}%)** | "
                  f"**{100 * r['accuracy_before']:.1f}%** | **{100 * r['accuracy_after']:.1f}%** |")
     lines += ["", f"wall time {r['wall_seconds'] / 60:.1f} min; report: {Path(r['files']['gates_plot']).parent / 'report.json'}",

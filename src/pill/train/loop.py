@@ -127,6 +127,8 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     if len(dataset) == 0:
         raise TrainingError(f"no training samples left in {cfg.data.root or cfg.data.json} (see the report above)")
     sampler = LengthGroupedBatchSampler(dataset.lengths, cfg.optim.batch_size, seed=cfg.train.seed)
+    if cfg.stage == "align":
+        vlm.set_stage(cfg.stage, align_modality=align_modality(vlm, dataset.samples))
     if features:  # the inputs of the samples kept, in their order (the feature statistics are fitted on these)
         feature_keys = {name: {r: keys[r] for s in dataset.samples for r in map(image_key, s.inputs().get(name, []))}
                         for name, keys in feature_keys.items()}
@@ -154,6 +156,14 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
     model, optimizer = accelerator.prepare(vlm, optimizer)
     return Setup(cfg, run_dir, accelerator, vlm, model, dataset, sampler, collator, optimizer, scheduler,
                  features, feature_keys, steps_per_epoch, total, fingerprints, precision)
+
+
+def align_modality(vlm, samples) -> str:
+    """The modality whose expert takes the text tokens in the last layer while aligning: the one
+    non-text modality the samples use, or ``image`` when they use images or several modalities."""
+    used = {name for s in samples for name, items in s.inputs().items() if items}
+    others = sorted(used - {"image"}, key=lambda n: vlm.modalities[n].id if n in vlm.modalities else 99)
+    return others[0] if len(others) == 1 and "image" not in used and others[0] in vlm.modalities else "image"
 
 
 def check_init_from(cfg: TrainConfig, run_dir: str | Path) -> None:
