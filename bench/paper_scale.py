@@ -103,6 +103,7 @@ def activation_bytes(s: Shapes, batch: int, length: int, images_per_row: int = 1
 def measure_saved(s: Shapes, length: int, layers: int, pill: bool = True, recompute: bool = True) -> int:
     """Bytes autograd saves for one forward of a real ``layers``-layer model with the shapes ``s``
     (batch 1, one image at the start, all bf16, no autocast), parameters excluded."""
+    from pill import attention
     from pill.config import PillConfig
     from pill.models import build_llm_from_config
     from pill.vlm import PillVLM
@@ -122,6 +123,8 @@ def measure_saved(s: Shapes, length: int, layers: int, pill: bool = True, recomp
         model = PillVLM(llm, FeatureVPG(s.K, s.d_vpg), None, PillConfig(r=s.r))
         model.set_stage("finetune")
         model.enable_plugin_recompute(recompute)
+        # the GPU's attention: bf16 SDPA (on CPU pill.attention would keep float32 copies for its backward)
+        attention.restore(model)
     else:
         for p in llm.parameters():
             p.requires_grad_(False)
