@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pill"
 
 LAYERS = [
     ["errors", "config", "precision", "io", "modalities", "data.images", "data.audio"],
-    ["modules", "families", "models", "vpg", "encoders"],
+    ["modules", "families", "models", "attention", "vpg", "encoders"],
     ["plug"],
     ["processor"],
     ["vlm", "chat", "data", "runconfig"],
