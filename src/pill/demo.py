@@ -225,7 +225,8 @@ def _train_stages(vlm, st: DemoSettings, precision, data: Path, out: Path, timin
 
 def _figures(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, runs: dict[str, Path]) -> None:
     """The gates (the paper's Figure 4) on a sample batch of test inputs (audio: beside an image demo's
-    gates when ``<out>/../demo`` holds one); the loss curves of both stages."""
+    gates when ``<out>/../demo`` holds one; image+audio: each modality on its own benchmark's
+    problems); the loss curves of both stages."""
     from .data.collate import Collator, prompt_items
     from .data.scienceqa import load_scienceqa
     from .eval.plots import plot_gates, plot_training, read_metrics
@@ -239,31 +240,20 @@ def _figures(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, runs: dict[
         test = load_scienceqa(data, "test", prompt_format=fmt, progress=False, system_prompt=vlm.system_prompt)
         per = {name: measure([x for x in test if x.id.startswith(prefix)][:16]) for prefix, name in SOURCES.items()}
         gates = {**per["image"], "by_modality": per}
-        write_atomic(runs["finetune"] / "gates.json", json.dumps(gates))
-        plot_gates({f"{name} tokens": g["mean_abs_gate"] for name, g in per.items()}, out / "gates.png",
-                   layers=gates["layers"], title="mean |tanh(gate)| of image and audio tokens per layer (stage 2, "
-                                                 "one model)")
-        _loss_plot(st, out, runs)
-        return
-    sample = load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False,
-                            system_prompt=vlm.system_prompt)
-    gates = measure(sample)
+        series = {f"{name} tokens": g["mean_abs_gate"] for name, g in per.items()}
+    else:
+        gates = measure(load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False,
+                                       system_prompt=vlm.system_prompt))
+        series = {f"{st.modality} tokens": gates["mean_abs_gate"]}
+        image_run = out.parent / "demo" / "finetune" / "gates.json"
+        if st.modality == "audio" and image_run.is_file():
+            image = json.loads(image_run.read_text())
+            if image.get("layers") == gates["layers"]:
+                series = {"audio tokens (this run)": gates["mean_abs_gate"],
+                          f"image tokens ({image_run.parent.parent})": image["mean_abs_gate"]}
     write_atomic(runs["finetune"] / "gates.json", json.dumps(gates))
-    series = {f"{st.modality} tokens": gates["mean_abs_gate"]}
-    image_run = out.parent / "demo" / "finetune" / "gates.json"
-    if st.modality == "audio" and image_run.is_file():
-        image = json.loads(image_run.read_text())
-        if image.get("layers") == gates["layers"]:
-            series = {"audio tokens (this run)": gates["mean_abs_gate"],
-                      f"image tokens ({image_run.parent.parent})": image["mean_abs_gate"]}
     plot_gates(series if len(series) > 1 else gates["mean_abs_gate"], out / "gates.png", layers=gates["layers"],
                title=f"mean |tanh(gate)| of {' and '.join(k.split()[0] for k in series)} tokens per layer (stage 2)")
-    _loss_plot(st, out, runs)
-
-
-def _loss_plot(st: DemoSettings, out: Path, runs: dict[str, Path]) -> None:
-    from .eval.plots import plot_training, read_metrics
-
     records = read_metrics(runs["align"] / "metrics.jsonl") + [
         {**r, "step": r["step"] + st.align_steps} for r in read_metrics(runs["finetune"] / "metrics.jsonl")]
     plot_training(records, out / "loss.png", title="pill demo: stage 1 (align) then stage 2 (fine-tune)")

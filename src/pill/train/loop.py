@@ -161,9 +161,8 @@ def setup(cfg: TrainConfig, run_dir: str | Path, *, vlm=None, progress: bool = T
 def align_modality(vlm, samples) -> str:
     """The modality whose expert takes the text tokens in the last layer while aligning: the one
     non-text modality the samples use, or ``image`` when they use images or several modalities."""
-    used = {name for s in samples for name, items in s.inputs().items() if items}
-    others = sorted(used - {"image"}, key=lambda n: vlm.modalities[n].id if n in vlm.modalities else 99)
-    return others[0] if len(others) == 1 and "image" not in used and others[0] in vlm.modalities else "image"
+    used = {name for s in samples for name in s.inputs()}  # inputs() leaves out modalities without inputs
+    return used.pop() if len(used) == 1 and used <= set(vlm.modalities) else "image"
 
 
 def check_init_from(cfg: TrainConfig, run_dir: str | Path) -> None:
