@@ -77,6 +77,27 @@ def test_audio_demo_stages_read_the_audio_benchmark(tmp_path):
         resolve_settings(DemoSettings(modality="smell"))
 
 
+def test_demo_set_overrides_both_stages_or_one(tmp_path):
+    """``pill demo --set``: a plain key=value reaches both stages, align:/finetune: one; typed and checked."""
+    from pill.cli import main
+    from pill.demo import DemoSettings, resolve_settings, stage_config
+    from pill.errors import ConfigError
+
+    st = DemoSettings(out=str(tmp_path), overrides=("optim.lr=3e-3", "finetune:optim.gate_lr_scale=2",
+                                                    "align:data.max_length=128", "finetune:init_from=null"))
+    precision, st = resolve_settings(st)
+    align, finetune = (stage_config(st, precision, tmp_path, tmp_path, s) for s in ("align", "finetune"))
+    assert align.optim.lr == finetune.optim.lr == 3e-3
+    assert (align.optim.gate_lr_scale, finetune.optim.gate_lr_scale) == (1.0, 2.0)
+    assert (align.data.max_length, finetune.data.max_length) == (128, 160)
+    assert finetune.init_from is None
+    with pytest.raises(ConfigError, match="stage prefix is align: or finetune:, got stage3:"):
+        resolve_settings(DemoSettings(overrides=("stage3:optim.lr=1",)))
+    with pytest.raises(ConfigError, match="unknown field 'lrx'"):
+        stage_config(DemoSettings(overrides=("optim.lrx=1",)), precision, tmp_path, tmp_path, "align")
+    assert main(["demo", "--out", str(tmp_path / "x"), "--set", "nope:optim.lr=1"]) != 0
+
+
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_quick_audio_demo_writes_report_and_plots(tmp_path, monkeypatch):

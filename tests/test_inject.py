@@ -245,3 +245,32 @@ def test_pill_plug_is_the_module_and_the_function():
     model = build_llm_from_config("llama")
     assert pill.plug(model) is model and pill.plug.is_plugged(model)
     pill.unplug(model)
+
+
+def test_no_layers_plugs_nothing_and_the_projector_alone_trains(tiny_run_config, tmp_path):
+    """``pill.layers: []``: the LLM unchanged (LLaVA's stage 1, a baseline); only the projector trains."""
+    import yaml
+
+    from pill.runconfig import load_config
+    from pill.train.loop import train
+
+    model = build_llm_from_config("llama")
+    ids = torch.randint(0, 2000, (2, 16))
+    with torch.no_grad():
+        base = model(ids).logits
+        plug(model, PillConfig(layers=[]))
+        assert torch.equal(model(ids).logits, base)
+    assert not pill_parameters(model) and model.pill_handle.layers == []
+    set_stage(model, "finetune")  # nothing to switch on
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_run_config(**{"pill.layers": [], "optim.max_steps": 2})))
+    cfg = load_config(path)
+    from pill.build import build_vlm
+
+    vlm = build_vlm(cfg)
+    before = {n: p.detach().clone() for n, p in vlm.named_parameters()}
+    train(cfg, tmp_path / "run", vlm=vlm, progress=False)
+    changed = {n for n, p in vlm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("pill_projector.") for n in changed), changed
+    assert {n for n, p in vlm.named_parameters() if p.requires_grad} == {n for n in before if n.startswith("pill_projector.")}

@@ -107,6 +107,7 @@ def _demo(args) -> int:
                  "pool"):
         if getattr(args, name) is not None:
             setattr(st, name, getattr(args, name))
+    st.overrides = tuple(args.set or ())
     run_demo(st)
     return 0
 
@@ -212,6 +213,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", type=_demo_pool, help="pool the EfficientNet block-10 grid (14 x 14) to N x N visual "
                                                      "tokens (default 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value of both stages (e.g. optim.lr=3e-3), or of one stage with "
+                        "align:KEY=VALUE / finetune:KEY=VALUE; repeatable")
     p.set_defaults(func=_demo)
 
     from .encoders import encoder_names

@@ -293,7 +293,8 @@ class PillConfig:
         mag: gate the attention values of non-text tokens with ``tanh(g)``.
         gate: ``token`` (``g = W_gate a``, per token and KV head) or ``head``
             (one learned scalar per KV head and layer).
-        layers: indices of the decoder layers to plug; ``None`` = all layers.
+        layers: indices of the decoder layers to plug; ``None`` = all layers; ``[]`` = none: only
+            the projector trains (LLaVA's stage 1, a baseline).
         init_std: std of the normal init of the adapters' down/gate projections.
         swiglu_gate_init: init of the SwiGLU adapter's gate projection ``W_g``: ``normal``
             (N(0, init_std), like ``W_d``) or ``torch_default`` (``nn.Linear``'s uniform init, as
@@ -320,8 +321,6 @@ class PillConfig:
         if self.init_std <= 0:
             raise ConfigError(f"init_std: must be > 0, got {self.init_std}")
         if self.layers is not None:
-            if not self.layers:
-                raise ConfigError("layers: must name at least one layer (or be null for all layers)")
             if any(i < 0 for i in self.layers):
                 raise ConfigError(f"layers: indices must be >= 0, got {self.layers}")
             if len(set(self.layers)) != len(self.layers):

@@ -53,6 +53,9 @@ class DemoSettings:
     precision: str = "auto"
     quick: bool = False
     modality: str = "image"  # or "audio": the audio benchmark and the Whisper encoder; or "image+audio"
+    # config overrides (``key=value``, as ``pill train --set``) for both stages, or one stage with
+    # ``align:key=value`` / ``finetune:key=value``; applied after the demo's own settings
+    overrides: tuple[str, ...] = ()
 
 
 MODALITIES = ("image", "audio", "image+audio")
@@ -112,7 +115,25 @@ def resolve_settings(st: DemoSettings):
             raise ConfigError(f"demo {name}: must be >= 1, got {getattr(st, name)}")
     if st.modality not in MODALITIES:
         raise ConfigError(f"demo modality: one of {', '.join(MODALITIES)}, got {st.modality!r}")
+    stage_overrides(st, "align")  # a bad stage prefix fails here, before any work
     return resolve_precision(st.precision), st
+
+
+def stage_overrides(st: DemoSettings, stage: str) -> list[str]:
+    """The ``--set`` overrides of ``st`` that apply to ``stage`` (``align`` or ``finetune``), prefix removed."""
+    from .errors import ConfigError
+
+    picked = []
+    for item in st.overrides:
+        head, sep, rest = item.partition(":")
+        if sep and "=" not in head:
+            if head not in ("align", "finetune"):
+                raise ConfigError(f"demo --set {item!r}: a stage prefix is align: or finetune:, got {head}:")
+            if head == stage:
+                picked.append(rest)
+        else:
+            picked.append(item)
+    return picked
 
 
 def stage_config(st: DemoSettings, precision, data: Path, out: Path, stage: str):
@@ -132,6 +153,7 @@ def stage_config(st: DemoSettings, precision, data: Path, out: Path, stage: str)
         overrides += [f"data.json={data / 'captions_llava.json'}", f"data.image_folder={folder}"]
     else:
         overrides += [f"data.root={data}", f"init_from={out / 'align'}"]
+    overrides += stage_overrides(st, stage)
     cfg = load_config(CONFIGS / name, overrides)
     if cfg.data.mix_llava_json:  # a demo config that mixes the captions in
         cfg.data.mix_llava_json = str(data / "captions_llava.json")
@@ -223,18 +245,24 @@ def _train_stages(vlm, st: DemoSettings, precision, data: Path, out: Path, timin
     return runs
 
 
+def measure_gates_on(vlm, samples) -> dict:
+    """:meth:`pill.vlm.PillVLM.measure_gates` on the prompts of ``samples`` (one batch, padded left)."""
+    from .data.collate import Collator, prompt_items
+
+    batch = Collator(vlm.processor, padding_side="left")(prompt_items(samples, vlm.processor))
+    keys = {"input_ids", "attention_mask", "modality_ids"} | {m.inputs_key for m in vlm.modalities.values()}
+    return vlm.measure_gates(**{k: v for k, v in batch.items() if k in keys})
+
+
 def _figures(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, runs: dict[str, Path]) -> None:
     """The gates (the paper's Figure 4) on a sample batch of test inputs (audio: beside an image demo's
     gates when ``<out>/../demo`` holds one; image+audio: each modality on its own benchmark's
     problems); the loss curves of both stages."""
-    from .data.collate import Collator, prompt_items
     from .data.scienceqa import load_scienceqa
     from .eval.plots import plot_gates, plot_training, read_metrics
 
-    def measure(sample) -> dict:
-        batch = Collator(vlm.processor, padding_side="left")(prompt_items(sample, vlm.processor))
-        keys = {"input_ids", "attention_mask", "modality_ids"} | {m.inputs_key for m in vlm.modalities.values()}
-        return vlm.measure_gates(**{k: v for k, v in batch.items() if k in keys})
+    def measure(samples) -> dict:
+        return measure_gates_on(vlm, samples)
 
     if st.modality == "image+audio":  # each modality's gates on 16 test problems of its own benchmark
         test = load_scienceqa(data, "test", prompt_format=fmt, progress=False, system_prompt=vlm.system_prompt)
