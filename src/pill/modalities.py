@@ -135,7 +135,14 @@ IMAGE_MODALITY = register_modality(Modality("image", 1, "<image>", _load_image, 
 IMAGE = IMAGE_MODALITY.id
 IMAGE_PLACEHOLDER = IMAGE_MODALITY.placeholder
 # Audio clips (WAV, FLAC, ... -> mono 16 kHz), encoded by a Whisper encoder (pill.encoders.whisper).
-AUDIO_MODALITY = register_modality(Modality("audio", 2, "<audio>", _load_audio, noun="audio clip", mime="audio"))
+def _describe_audio(clip) -> dict:
+    from .data.audio import describe_audio
+
+    return describe_audio(clip)
+
+
+AUDIO_MODALITY = register_modality(Modality("audio", 2, "<audio>", _load_audio, noun="audio clip", mime="audio",
+                                            describe=_describe_audio))
 AUDIO = AUDIO_MODALITY.id
 AUDIO_PLACEHOLDER = AUDIO_MODALITY.placeholder
 

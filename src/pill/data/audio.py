@@ -122,4 +122,9 @@ def encode_wav(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["SAMPLE_RATE", "Waveform", "load_audio", "to_waveform", "resample", "encode_wav"]
+def describe_audio(clip: Waveform) -> dict:
+    """``{seconds, summary}`` of a decoded clip (shown with an upload)."""
+    return {"seconds": round(clip.seconds, 3), "summary": f"{clip.seconds:.1f} s"}
+
+
+__all__ = ["SAMPLE_RATE", "Waveform", "load_audio", "to_waveform", "resample", "encode_wav", "describe_audio"]

@@ -246,10 +246,18 @@ class DemoApp:
                            "context_tokens": self.context_tokens()},
                 "modalities": [{"name": m.name, "label": m.label, "placeholder": m.placeholder,
                                 "accept": f"{m.mime}/*" if m.mime else "",
-                                "max_upload_bytes": self.limits.upload_bytes(m.name)}
+                                "max_upload_bytes": self.limits.upload_bytes(m.name),
+                                **({"max_seconds": self.max_seconds(m.name)} if self.max_seconds(m.name) else {})}
                                for m in self.modalities.values()],
                 "settings": {name: {"min": lo, "max": hi, "default": default}
                              for name, (_, lo, hi, default) in SETTINGS.items()}}
+
+    def max_seconds(self, name: str) -> Optional[float]:
+        """The longest clip the model's encoder of modality ``name`` reads (audio), else None."""
+        encoders = getattr(self.vlm, "encoders", None)
+        encoder = encoders[name] if encoders is not None and name in encoders else None
+        value = getattr(encoder, "max_seconds", None)
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
     def context_tokens(self) -> Optional[int]:
         """The model's context in tokens (:meth:`pill.chat.ChatSession.context_length`), None if unknown."""
@@ -305,6 +313,10 @@ class DemoApp:
         and what the modality's ``describe`` says about it (an image: width, height, summary)."""
         m = self.served(name)
         decoded = self.decode(name, data, filename)
+        limit, seconds = self.max_seconds(name), getattr(decoded, "seconds", None)
+        if limit is not None and isinstance(seconds, float) and seconds > limit:
+            raise RequestError(400, f"{filename}: {seconds:.1f} s of audio; this model reads at most {limit:g} s "
+                                    "per clip")
         facts = m.describe(decoded) if m.describe is not None else {}
         input_id = secrets.token_urlsafe(12)
         with self._state_lock:

@@ -192,9 +192,122 @@ function setupOtherInputs(list) {
     const caption = document.createElement("span");
     caption.id = `caption-${m.name}`;
     caption.className = "small";
-    row.append(label, input, caption);
+    row.append(label, input);
+    if (m.accept === "audio/*") row.append(recordButton(m));
+    row.append(caption);
     box.append(row);
   }
+}
+
+// ---- recording ----------------------------------------------------------------------------
+// "Record" captures the microphone (the browser asks first; it allows that on https and on
+// 127.0.0.1 / localhost pages) into a 16-bit mono WAV file at the browser's own rate, which the
+// server resamples; it is then uploaded like a chosen file. A recording stops at the encoder's
+// length limit, or when "Stop" is pressed.
+const DEFAULT_RECORD_SECONDS = 30;
+
+function recordButton(m) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.id = `record-${m.name}`;
+  button.className = "secondary record";
+  button.textContent = "Record";
+  const seconds = m.max_seconds || DEFAULT_RECORD_SECONDS;
+  let session = null;
+  const reset = () => { session = null; button.textContent = "Record"; button.classList.remove("recording"); };
+  button.addEventListener("click", async () => {
+    if (session) { session.stop(); return; }
+    showError("");
+    if (!navigator.mediaDevices?.getUserMedia || !window.AudioWorkletNode) {
+      showError("Recording needs microphone access, which this browser allows only on https or 127.0.0.1 / "
+                + `localhost pages. Choose an audio file instead.`);
+      return;
+    }
+    session = { stop: () => {} };  // a second click while the microphone opens does nothing
+    try {
+      session = await startRecording(seconds, (file) => {
+        reset();
+        if (!file) {
+          setStatus("");
+          showError("The recording is empty: no sound came from the microphone.");
+          return;
+        }
+        useFile(file, null, m.name);
+      });
+    } catch (err) {
+      reset();
+      setStatus("");
+      const why = err.name === "NotAllowedError" ? "microphone access was refused"
+        : err.name === "NotFoundError" ? "no microphone was found" : (err.message || err.name);
+      showError(`Recording did not start: ${why}. Choose an audio file instead.`);
+      return;
+    }
+    button.textContent = "Stop";
+    button.classList.add("recording");
+    setStatus(`Recording… press Stop to finish (at most ${seconds} s).`);
+  });
+  return button;
+}
+
+// Microphone -> Float32 chunks (an AudioWorklet) until stop() or `maxSeconds`; then
+// done(File "recording.wav"), or done(null) when nothing was recorded.
+async function startRecording(maxSeconds, done) {
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
+  let ctx, source, node;
+  try {
+    ctx = new AudioContext();
+    await ctx.audioWorklet.addModule("/static/recorder-worklet.js");
+    source = ctx.createMediaStreamSource(stream);
+    node = new AudioWorkletNode(ctx, "pill-recorder");
+  } catch (err) {
+    stream.getTracks().forEach((t) => t.stop());
+    if (ctx) ctx.close();
+    throw err;
+  }
+  const limit = Math.round(maxSeconds * ctx.sampleRate);
+  const chunks = [];
+  let length = 0, stopped = false, timer = null;
+  const stop = () => {
+    if (stopped) return;
+    stopped = true;
+    clearTimeout(timer);
+    source.disconnect();
+    node.disconnect();
+    stream.getTracks().forEach((t) => t.stop());
+    const rate = ctx.sampleRate;
+    ctx.close();
+    const n = Math.min(length, limit);
+    done(n ? new File([encodeWav(chunks, n, rate)], "recording.wav", { type: "audio/wav" }) : null);
+  };
+  node.port.onmessage = (e) => {
+    if (stopped) return;
+    chunks.push(e.data);
+    length += e.data.length;
+    if (length >= limit) stop();
+  };
+  source.connect(node);
+  node.connect(ctx.destination);  // the node writes no output (silence); the connection keeps it running
+  timer = setTimeout(stop, maxSeconds * 1000 + 1000);  // in case the audio thread stalls
+  return { stop };
+}
+
+// Float32 chunks -> the bytes of a mono 16-bit PCM WAV file of the first `n` samples.
+function encodeWav(chunks, n, rate) {
+  const view = new DataView(new ArrayBuffer(44 + 2 * n));
+  const text = (at, s) => { for (let i = 0; i < s.length; i++) view.setUint8(at + i, s.charCodeAt(i)); };
+  text(0, "RIFF"); view.setUint32(4, 36 + 2 * n, true); text(8, "WAVE");
+  text(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+  view.setUint32(24, rate, true); view.setUint32(28, 2 * rate, true); view.setUint16(32, 2, true);
+  view.setUint16(34, 16, true);
+  text(36, "data"); view.setUint32(40, 2 * n, true);
+  let at = 44, left = n;
+  for (const chunk of chunks) {
+    for (let i = 0; i < chunk.length && left > 0; i++, left--, at += 2) {
+      const x = Math.max(-1, Math.min(1, chunk[i]));
+      view.setInt16(at, x < 0 ? x * 0x8000 : x * 0x7fff, true);
+    }
+  }
+  return view.buffer;
 }
 
 function setupDrop() {
