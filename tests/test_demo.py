@@ -75,6 +75,18 @@ def test_audio_demo_stages_read_the_audio_benchmark(tmp_path):
     assert finetune.model.encoders["audio"] == audio
     with pytest.raises(ConfigError, match=r"demo modality: one of image, audio, image\+audio, got 'smell'"):
         resolve_settings(DemoSettings(modality="smell"))
+    st.audio_pool = 8
+    assert stage_config(st, precision, data, tmp_path, "finetune").model.encoders["audio"].pool == 8
+
+
+def test_demo_pool_flags_fit_the_modality(tmp_path, capsys):
+    from pill.cli import main
+
+    assert main(["demo", "--modality", "audio", "--pool", "2", "--out", str(tmp_path)]) == 1
+    assert "--audio-pool N pools Whisper's 50 frames per second" in capsys.readouterr().err
+    assert main(["demo", "--audio-pool", "2", "--out", str(tmp_path)]) == 1
+    assert "--audio-pool: for --modality audio or image+audio" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
 
 
 def test_demo_set_overrides_both_stages_or_one(tmp_path):

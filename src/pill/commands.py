@@ -103,8 +103,13 @@ def _demo(args) -> int:
         st.align_steps, st.finetune_steps = 2 * st.align_steps, 2 * st.finetune_steps
     if args.quick:  # a shortened run that checks every step of the pipeline in about a minute
         st.n_train, st.n_test, st.align_steps, st.finetune_steps, st.quick = 48, 16, 2, 3, True
+    if args.pool is not None and args.modality == "audio":
+        raise ConfigError("pill demo --pool: sets the image tokens, and --modality audio reads no images; "
+                          "--audio-pool N pools Whisper's 50 frames per second by N")
+    if args.audio_pool is not None and args.modality == "image":
+        raise ConfigError("pill demo --audio-pool: for --modality audio or image+audio (the image demo reads no audio)")
     for name in ("n_train", "n_test", "align_steps", "finetune_steps", "batch_size", "eval_mode", "precision",
-                 "pool"):
+                 "pool", "audio_pool"):
         if getattr(args, name) is not None:
             setattr(st, name, getattr(args, name))
     st.overrides = tuple(args.set or ())
@@ -212,6 +217,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "PILL_PRECISION=float32|bf16 decides auto)")
     p.add_argument("--pool", type=_demo_pool, help="pool the EfficientNet block-10 grid (14 x 14) to N x N visual "
                                                      "tokens (default 4)")
+    p.add_argument("--audio-pool", type=positive_int, metavar="N",
+                   help="audio: pool Whisper's 50 frames per second by N (default 4: 12.5 tokens per second)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value of both stages (e.g. optim.lr=3e-3), or of one stage with "

@@ -49,6 +49,7 @@ class DemoSettings:
     eval_mode: str = "generate"
     max_new_tokens: int = 56  # the description, the fact and "The answer is A.": 44 tokens at most
     pool: Optional[int] = 4
+    audio_pool: Optional[int] = None  # audio: Whisper frames per token (None: the config's, 4)
     # auto: bf16 autocast where the CPU has native bf16 (about 1.4x faster), else float32 (pill.precision)
     precision: str = "auto"
     quick: bool = False
@@ -147,6 +148,8 @@ def stage_config(st: DemoSettings, precision, data: Path, out: Path, stage: str)
                  f"optim.micro_batch_size={st.batch_size}", f"train.mixed_precision={precision.mixed_precision}"]
     if st.modality != "audio":
         overrides.append(f"model.pool={'null' if st.pool is None else st.pool}")
+    if st.audio_pool is not None and st.modality != "image":
+        overrides.append(f"model.encoders.audio.pool={st.audio_pool}")
     # what the captions' paths are relative to
     folder = {"audio": data / "audio", "image": data / "images", "image+audio": data}[st.modality]
     if stage == "align":
