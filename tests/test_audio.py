@@ -696,3 +696,52 @@ def test_browser_records_audio_then_asks_about_it(tiny_whisper, browser):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_model_without_an_image_encoder(tmp_path, tiny_whisper):
+    """``model.vpg: null``: an audio-only model trains, saves, loads and answers; an image is refused
+    by name; the image encoder's settings without a vpg are errors naming them."""
+    from safetensors.torch import load_file
+
+    from pill.build import load_run
+    from pill.chat import ChatSession
+    from pill.runconfig import TrainConfig
+    from pill.train.loop import train
+
+    files = tmp_path / "files"
+    files.mkdir()
+    records = []
+    for i in range(8):
+        sf.write(files / f"{i}.wav", tone(880 if i % 2 else 220, 0.4), RATE)
+        records.append({"id": f"s{i}", "audio": f"{i}.wav",
+                        "conversations": [{"from": "human", "value": "<audio>\nHigh or low?"},
+                                          {"from": "gpt", "value": "high" if i % 2 else "low"}]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    raw = {"stage": "finetune",
+           "model": {"llm": "llama", "random_init": True, "vpg": None,
+                     "encoders": {"audio": {"name": "whisper", "path": str(tiny_whisper), "max_seconds": 1.0,
+                                            "pool": 5}}},
+           "data": {"format": "llava", "json": str(tmp_path / "data.json"), "image_folder": str(files),
+                    "max_length": 96},
+           "optim": {"lr": 5e-3, "batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "warmup_ratio": 0.0},
+           "train": {"cache_dir": str(tmp_path / "cache"), "save_every": 100}}
+    cfg = TrainConfig.from_dict(raw)
+    assert list(cfg.model.encoder_configs()) == ["audio"]
+    train(cfg, tmp_path / "run", progress=False)
+    w = load_file(str(tmp_path / "run" / "pill.safetensors"))
+    assert "pill_projector.audio.weight" in w and not any(k.startswith("pill_projector.image") for k in w)
+    vlm = load_run(tmp_path / "run")
+    assert list(vlm.encoders) == ["audio"]
+    session = ChatSession(vlm, max_new_tokens=3)
+    assert isinstance(session.ask("High or low?", inputs={"audio": [str(files / "1.wav")]}), str)
+    with pytest.raises(PillError, match="image"):
+        ChatSession(vlm, max_new_tokens=3).ask("What is it?", [tone(seconds=0.1)])
+    with pytest.raises(ConfigError, match="no image encoder"):
+        vlm.vpg
+
+    for extra, message in (({"pool": 2}, "pool: settings of the image encoder, and vpg is null"),
+                           ({"feature_norm": True}, "feature_norm: settings of the image encoder"),
+                           ({"encoders": {}}, "vpg: null leaves the model without an encoder")):
+        bad = {**raw, "model": {**raw["model"], **extra}}
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict(bad)

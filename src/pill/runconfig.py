@@ -44,10 +44,11 @@ def _check_normalisation(mean: Optional[list[float]], std: Optional[list[float]]
 @dataclass
 class ModelConfig:
     """Which frozen models to plug together. ``vpg*``, ``pool`` and ``feature_norm`` set the image
-    encoder; ``encoders`` adds the encoders of further modalities, by modality name."""
+    encoder; ``encoders`` adds the encoders of further modalities, by modality name. ``vpg: null``:
+    no image encoder (a model of other modalities only, e.g. audio; ``encoders`` then names one)."""
 
     llm: str = "smollm2-135m-instruct"  # embedded default, HF folder or hub id
-    vpg: str = "efficientnet-lite0"  # a registered encoder (pill.encoders.encoder_names())
+    vpg: Optional[str] = "efficientnet-lite0"  # a registered encoder (pill.encoders.encoder_names()), or null
     vpg_path: Optional[str] = None  # checkpoint folder or hub id, for the encoders that need one (BLIP-2, CLIP, DINOv2)
     pool: Optional[int] = None  # EfficientNet only: pool the feature grid to pool x pool tokens
     # Which VPG layer gives the tokens. EfficientNet: a block index 0-15 (null: the head, 7x7x1280;
@@ -67,8 +68,22 @@ class ModelConfig:
     random_init: bool = False
     encoders: dict[str, EncoderConfig] = field(default_factory=dict)
 
+    def _check_without_image(self) -> None:
+        """``vpg: null``: the image encoder's own settings must be unset, and another encoder named."""
+        set_fields = [name for name in ("vpg_path", "vpg_layer", "pool", "image_mean", "image_std")
+                      if getattr(self, name) is not None] + (["feature_norm"] if self.feature_norm else [])
+        if set_fields:
+            raise ConfigError(f"{', '.join(set_fields)}: settings of the image encoder, and vpg is null "
+                              "(no image encoder); remove them or name a vpg")
+        if not self.encoders:
+            raise ConfigError("vpg: null leaves the model without an encoder; name a vpg, or an encoder under "
+                              "encoders (e.g. encoders: {audio: {name: whisper-base}})")
+        self._check_encoders()
+
     def encoder_configs(self) -> dict[str, EncoderConfig]:
         """Modality name -> encoder: the image encoder, then ``encoders``."""
+        if self.vpg is None:
+            return dict(self.encoders)
         image = EncoderConfig(self.vpg, self.vpg_path, self.vpg_layer, self.pool, self.feature_norm,
                               image_mean=self.image_mean, image_std=self.image_std)
         return {"image": image, **self.encoders}
@@ -84,15 +99,22 @@ class ModelConfig:
                                   f"got {self.llm!r}")
         from .encoders import get_encoder
 
+        if self.vpg is None:
+            self._check_without_image()
+            return
         validate_encoder_settings(self.vpg, self.vpg_path, self.vpg_layer, self.pool)
         _check_normalisation(self.image_mean, self.image_std)
         if get_encoder(self.vpg).modality != "image":
             raise ConfigError(f"vpg: {self.vpg!r} encodes {get_encoder(self.vpg).modality}, not images "
                               f"(put it under encoders.{get_encoder(self.vpg).modality})")
-        if "image" in self.encoders:
-            raise ConfigError("encoders.image: the image encoder is set by vpg, vpg_path, vpg_layer and pool")
+        self._check_encoders()
+
+    def _check_encoders(self) -> None:
+        from .encoders import get_encoder, validate_encoder_settings
         from .modalities import modality
 
+        if "image" in self.encoders:
+            raise ConfigError("encoders.image: the image encoder is set by vpg, vpg_path, vpg_layer and pool")
         for name, enc in self.encoders.items():
             try:
                 modality(name)

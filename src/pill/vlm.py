@@ -160,7 +160,9 @@ class PillVLM(nn.Module):
 
     @property
     def vpg(self) -> nn.Module:
-        """The image encoder."""
+        """The image encoder (ConfigError for a model without one, ``model.vpg: null``)."""
+        if "image" not in self.encoders:
+            raise ConfigError(f"this model has no image encoder (its encoders: {', '.join(self.encoders)})")
         return self.encoders["image"]
 
     def encoder_fingerprints(self) -> dict[str, str]:
@@ -177,10 +179,14 @@ class PillVLM(nn.Module):
         return next(iter(self.pill_projector.values())).weight.device
 
     # -- stages and parameters -------------------------------------------------------------
-    def set_stage(self, stage: str, align_modality: str = "image") -> None:
+    def set_stage(self, stage: str, align_modality: Optional[str] = None) -> None:
         """``align`` or ``finetune`` (design note, section 4); the projectors train in both.
         ``align_modality``: the modality whose expert takes the text tokens in the last layer while
-        aligning (:func:`pill.plug.set_stage`)."""
+        aligning (:func:`pill.plug.set_stage`); default: image, or the model's first modality by id
+        when it has no image encoder."""
+        if align_modality is None:
+            align_modality = "image" if "image" in self.modalities else \
+                min(self.modalities, key=lambda n: self.modalities[n].id)
         if align_modality not in self.modalities:
             raise ConfigError(f"align_modality: this model has no {align_modality} encoder "
                               f"(its modalities: {', '.join(self.modalities)})")

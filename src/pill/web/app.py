@@ -174,7 +174,10 @@ def model_info(vlm, llm: Optional[str] = None, vpg: Optional[str] = None, run_di
         llm = run.get("llm") or getattr(cfg, "_name_or_path", "") or \
             f"{cfg.model_type} ({cfg.num_hidden_layers} layers, width {cfg.hidden_size})"
     if vpg is None:
-        vpg = run.get("vpg") or getattr(vlm.vpg, "name", type(vlm.vpg).__name__)
+        encoders = getattr(vlm, "encoders", None)
+        image = encoders["image"] if encoders is not None and "image" in encoders else \
+            (None if encoders is not None else vlm.vpg)
+        vpg = run.get("vpg") or ("none" if image is None else getattr(image, "name", type(image).__name__))
     stages = stages if stages is not None else run.get("stages", [])
     return {"llm": str(llm), "vpg": str(vpg), "run_dir": None if run_dir is None else str(run_dir),
             "stages": [_stage_label(s) for s in stages], "trained": run_dir is not None,
