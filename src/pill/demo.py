@@ -264,17 +264,14 @@ def _figures(vlm, st: DemoSettings, data: Path, out: Path, fmt: str, runs: dict[
     from .data.scienceqa import load_scienceqa
     from .eval.plots import plot_gates, plot_training, read_metrics
 
-    def measure(samples) -> dict:
-        return measure_gates_on(vlm, samples)
-
     if st.modality == "image+audio":  # each modality's gates on 16 test problems of its own benchmark
         test = load_scienceqa(data, "test", prompt_format=fmt, progress=False, system_prompt=vlm.system_prompt)
-        per = {name: measure([x for x in test if x.id.startswith(prefix)][:16]) for prefix, name in SOURCES.items()}
+        per = {name: measure_gates_on(vlm, [x for x in test if x.id.startswith(prefix)][:16]) for prefix, name in SOURCES.items()}
         gates = {**per["image"], "by_modality": per}
         series = {f"{name} tokens": g["mean_abs_gate"] for name, g in per.items()}
     else:
-        gates = measure(load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False,
-                                       system_prompt=vlm.system_prompt))
+        gates = measure_gates_on(vlm, load_scienceqa(data, "test", prompt_format=fmt, limit=16, progress=False,
+                                                 system_prompt=vlm.system_prompt))
         series = {f"{st.modality} tokens": gates["mean_abs_gate"]}
         image_run = out.parent / "demo" / "finetune" / "gates.json"
         if st.modality == "audio" and image_run.is_file():
