@@ -644,7 +644,7 @@ def test_browser_records_audio_then_asks_about_it(tiny_whisper, browser):
 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_web import start
+    from test_web import ask_in_browser, start
 
     from pill.encoders.efficientnet import EfficientNetVPG
     from pill.encoders.whisper import WhisperAudioEncoder
@@ -681,17 +681,7 @@ def test_browser_records_audio_then_asks_about_it(tiny_whisper, browser):
         wait.until(lambda _: "Audio clip: recording.wav (2.0 s)" in status())
         assert record.text == "Record"
 
-        d.find_element(By.ID, "max-new-tokens").clear()
-        d.find_element(By.ID, "max-new-tokens").send_keys("3")
-        d.find_element(By.ID, "question").send_keys("What do you hear?")
-        d.find_element(By.ID, "ask").click()
-
-        def done(_):
-            turns = d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")
-            return turns and turns[-1].get_attribute("data-state") in ("done", "error")
-
-        wait.until(done)
-        last = d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")[-1]
+        last = ask_in_browser(d, wait, "What do you hear?", max_new_tokens=3)
         assert last.get_attribute("data-state") == "done", last.text
     finally:
         server.shutdown()

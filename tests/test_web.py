@@ -757,6 +757,23 @@ def test_a_modality_the_model_does_not_read_is_refused(client):
     assert status == 400 and "reads no sound" in json.loads(reply)["error"]
 
 
+def ask_in_browser(d, wait, question: str, max_new_tokens: int):
+    """Type ``question`` on the page, ask, wait for the answer to end; returns its turn element."""
+    from selenium.webdriver.common.by import By
+
+    d.find_element(By.ID, "max-new-tokens").clear()
+    d.find_element(By.ID, "max-new-tokens").send_keys(str(max_new_tokens))
+    d.find_element(By.ID, "question").send_keys(question)
+    d.find_element(By.ID, "ask").click()
+
+    def done(_):
+        turns = d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")
+        return turns and turns[-1].get_attribute("data-state") in ("done", "error")
+
+    wait.until(done)
+    return d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")[-1]
+
+
 def test_browser_offers_an_upload_per_modality(browser, probe_server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -777,17 +794,7 @@ def test_browser_offers_an_upload_per_modality(browser, probe_server, tmp_path):
     d.find_element(By.ID, "file-input").send_keys(str(image))
     wait.until(lambda _: "Image: blue.png (20 × 20)" in d.find_element(By.ID, "status").text)
     assert d.find_element(By.ID, "caption-probe").text == "reading.npy"
-    d.find_element(By.ID, "max-new-tokens").clear()
-    d.find_element(By.ID, "max-new-tokens").send_keys("4")
-    d.find_element(By.ID, "question").send_keys("What do they show?")
-    d.find_element(By.ID, "ask").click()
-
-    def done(_):
-        turns = d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")
-        return turns and turns[-1].get_attribute("data-state") in ("done", "error")
-
-    wait.until(done)
-    last = d.find_elements(By.CSS_SELECTOR, "#conversation .turn.assistant")[-1]
+    last = ask_in_browser(d, wait, "What do they show?", max_new_tokens=4)
     assert last.get_attribute("data-state") == "done", last.text
     too_big = tmp_path / "big.npy"
     too_big.write_bytes(npy_bytes(range(400)))

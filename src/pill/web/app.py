@@ -174,9 +174,8 @@ def model_info(vlm, llm: Optional[str] = None, vpg: Optional[str] = None, run_di
         llm = run.get("llm") or getattr(cfg, "_name_or_path", "") or \
             f"{cfg.model_type} ({cfg.num_hidden_layers} layers, width {cfg.hidden_size})"
     if vpg is None:
-        encoders = getattr(vlm, "encoders", None)
-        image = encoders["image"] if encoders is not None and "image" in encoders else \
-            (None if encoders is not None else vlm.vpg)
+        encoders = getattr(vlm, "encoders", None)  # stand-ins in tests have only vpg
+        image = vlm.vpg if encoders is None else encoders["image"] if "image" in encoders else None
         vpg = run.get("vpg") or ("none" if image is None else getattr(image, "name", type(image).__name__))
     stages = stages if stages is not None else run.get("stages", [])
     return {"llm": str(llm), "vpg": str(vpg), "run_dir": None if run_dir is None else str(run_dir),
@@ -247,13 +246,15 @@ class DemoApp:
                            "max_question_chars": self.limits.max_question_chars,
                            "max_history_messages": self.limits.max_history_messages,
                            "context_tokens": self.context_tokens()},
-                "modalities": [{"name": m.name, "label": m.label, "placeholder": m.placeholder,
-                                "accept": f"{m.mime}/*" if m.mime else "",
-                                "max_upload_bytes": self.limits.upload_bytes(m.name),
-                                **({"max_seconds": self.max_seconds(m.name)} if self.max_seconds(m.name) else {})}
-                               for m in self.modalities.values()],
+                "modalities": [self._modality_info(m) for m in self.modalities.values()],
                 "settings": {name: {"min": lo, "max": hi, "default": default}
                              for name, (_, lo, hi, default) in SETTINGS.items()}}
+
+    def _modality_info(self, m: Modality) -> dict:
+        info = {"name": m.name, "label": m.label, "placeholder": m.placeholder,
+                "accept": f"{m.mime}/*" if m.mime else "", "max_upload_bytes": self.limits.upload_bytes(m.name)}
+        seconds = self.max_seconds(m.name)
+        return {**info, "max_seconds": seconds} if seconds else info
 
     def max_seconds(self, name: str) -> Optional[float]:
         """The longest clip the model's encoder of modality ``name`` reads (audio), else None."""
