@@ -735,3 +735,41 @@ def test_a_model_without_an_image_encoder(tmp_path, tiny_whisper):
         bad = {**raw, "model": {**raw["model"], **extra}}
         with pytest.raises(ConfigError, match=message):
             TrainConfig.from_dict(bad)
+
+
+def test_encoder_precision_bf16_computes_under_autocast_and_caches_apart(tmp_path, tiny_whisper, monkeypatch):
+    """``encoders.audio.precision``: bf16 runs the frozen encoder under bf16 autocast, returns float32
+    features close to float32's, and caches them in a namespace of their own; ``auto`` follows
+    ``PILL_PRECISION``; a bad value names the field."""
+    from pill.build import load_encoder_from_config
+    from pill.runconfig import EncoderConfig, TrainConfig
+    from pill.train.features import FeatureCache
+
+    base = dict(name="whisper", path=str(tiny_whisper), max_seconds=1.0, pool=5)
+    f32 = load_encoder_from_config(EncoderConfig(**base))
+    bf16 = load_encoder_from_config(EncoderConfig(**base, precision="bf16"))
+    assert f32.compute_dtype is None and bf16.compute_dtype == torch.bfloat16
+    assert f32.fingerprint() == bf16.fingerprint()  # the same weights: checkpoints load either way
+    seen = []
+    hook = bf16.model.layers[0].fc1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = f32.preprocess([tone(440, 0.5), tone(880, 0.3)])
+    a, b = f32.encode(x), bf16.encode(x)
+    hook.remove()
+    assert seen == [torch.bfloat16] and a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.1, rtol=0.05)
+
+    sf.write(tmp_path / "a.wav", tone(440, 0.5), RATE)
+    clips = {"k1": str(tmp_path / "a.wav")}
+    c32 = FeatureCache(tmp_path, f32, load=modality("audio").load)
+    c16 = FeatureCache(tmp_path, bf16, load=modality("audio").load)
+    assert c16.dir != c32.dir and c16.dir.name == c32.dir.name + "-bf16"
+    assert c32.build(clips, progress=False) == 1 and c16.build(clips, progress=False) == 1
+    assert torch.allclose(c16.get(["k1"]), bf16.encode(f32.preprocess([modality("audio").load(clips["k1"])])))
+
+    monkeypatch.setenv("PILL_PRECISION", "float32")
+    assert load_encoder_from_config(EncoderConfig(**base, precision="auto")).compute_dtype is None
+    monkeypatch.setenv("PILL_PRECISION", "bf16")
+    assert load_encoder_from_config(EncoderConfig(**base, precision="auto")).compute_dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig.from_dict({"model": {"llm": "llama", "random_init": True,
+                                         "encoders": {"audio": {**base, "precision": "fp8"}}}})

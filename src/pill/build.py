@@ -39,6 +39,14 @@ def load_encoder_from_config(enc: EncoderConfig, *, pretrained: bool = True) -> 
         if set_normalisation is None:
             raise ConfigError(f"image_mean, image_std: encoder {enc.name!r} does not read images")
         set_normalisation(enc.image_mean, enc.image_std)
+    if enc.precision != "float32":
+        from .precision import resolve_precision
+
+        bf16 = enc.precision == "bf16" or resolve_precision("auto").mixed_precision == "bf16"
+        if bf16:
+            import torch
+
+            encoder.set_compute_dtype(torch.bfloat16)
     return encoder
 
 

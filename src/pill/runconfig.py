@@ -22,6 +22,10 @@ class EncoderConfig:
     feature_norm: bool = False  # standardise the features per channel before the projector
     # audio encoders: the window every clip is padded to, in seconds (longer clips are an error)
     max_seconds: Optional[float] = None
+    # the dtype the frozen encoder computes in: float32, bf16 (autocast; its features are stored
+    # and projected in float32), or auto: bf16 where the hardware has it natively, as for
+    # train.mixed_precision (pill.precision). Cached features of each precision are kept apart.
+    precision: Literal["float32", "bf16", "auto"] = "float32"
     # image encoders: normalise pixels with this per-channel mean / std instead of the checkpoint's
     image_mean: Optional[list[float]] = None
     image_std: Optional[list[float]] = None

@@ -337,7 +337,7 @@ class PillVLM(nn.Module):
     @torch.no_grad()
     def encode(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
         """Preprocessed inputs of modality ``name`` -> frozen encoder features (N, K, d_encoder)."""
-        return self.encoders[name](inputs.to(self.device))
+        return self.encoders[name].encode(inputs.to(self.device))
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> frozen image-encoder features (N, K, d_vpg)."""

@@ -6,7 +6,7 @@ The paper calls an image encoder a visual prompt generator (VPG), hence the alia
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,27 @@ class Encoder(nn.Module):
     modality: str
     num_tokens: int
     dim: int
+    compute_dtype: Optional[torch.dtype] = None  # None: float32; else autocast to it (set_compute_dtype)
+
+    def set_compute_dtype(self, dtype: Optional[torch.dtype]) -> "Encoder":
+        """Compute :meth:`encode` under autocast to ``dtype`` (``torch.bfloat16``); None: float32.
+        The weights stay float32 and :meth:`encode` returns float32 features either way."""
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute dtype: float32, bfloat16 or float16, got {dtype}")
+        self.compute_dtype = None if dtype == torch.float32 else dtype
+        return self
+
+    @property
+    def precision_tag(self) -> str:
+        """``""`` in float32, else the compute dtype's short name (``bf16``): names cache namespaces."""
+        return {None: "", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.compute_dtype]
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``forward`` in the compute dtype (under autocast where it is not float32); float32 out."""
+        if self.compute_dtype is None:
+            return self(inputs)
+        with torch.autocast(inputs.device.type, dtype=self.compute_dtype):
+            return self(inputs).float()
 
     def freeze(self) -> "Encoder":
         for p in self.parameters():

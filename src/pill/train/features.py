@@ -45,7 +45,8 @@ class FeatureCache:
     def __init__(self, root: Union[str, Path, None], vpg, load=None):
         self.vpg = vpg
         self.load = load or load_image
-        self.dir = Path(root or default_cache_root()) / f"{vpg.name}-{vpg.fingerprint()}"
+        tag = getattr(vpg, "precision_tag", "")  # features computed in bf16 are kept apart from float32 ones
+        self.dir = Path(root or default_cache_root()) / f"{vpg.name}-{vpg.fingerprint()}{'-' + tag if tag else ''}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, str] = self._read_index()
         self._handles: dict[str, object] = {}
@@ -161,7 +162,7 @@ class FeatureCache:
                         self.bad[k] = str(e)
                 if keys:
                     pix = self.vpg.preprocess(decoded).to(device)
-                    feats = self.vpg(pix).float().cpu()  # (n, K, d)
+                    feats = self.vpg.encode(pix).float().cpu()  # (n, K, d)
                     for k, f in zip(keys, feats):
                         tensors[k] = f.contiguous()
                 bar.update(len(chunk[b:b + batch_size]))
