@@ -39,15 +39,18 @@ def load_encoder_from_config(enc: EncoderConfig, *, pretrained: bool = True) -> 
         if set_normalisation is None:
             raise ConfigError(f"image_mean, image_std: encoder {enc.name!r} does not read images")
         set_normalisation(enc.image_mean, enc.image_std)
-    if enc.precision != "float32":
-        from .precision import resolve_precision
+    if enc.precision == "bf16" or (enc.precision == "auto" and _native_bf16()):
+        import torch
 
-        bf16 = enc.precision == "bf16" or resolve_precision("auto").mixed_precision == "bf16"
-        if bf16:
-            import torch
-
-            encoder.set_compute_dtype(torch.bfloat16)
+        encoder.set_compute_dtype(torch.bfloat16)
     return encoder
+
+
+def _native_bf16() -> bool:
+    """Whether ``auto`` means bf16 here (:func:`pill.precision.resolve_precision`)."""
+    from .precision import resolve_precision
+
+    return resolve_precision("auto").mixed_precision == "bf16"
 
 
 def build_vlm(cfg: TrainConfig, device: str = "cpu"):

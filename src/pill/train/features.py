@@ -45,7 +45,7 @@ class FeatureCache:
     def __init__(self, root: Union[str, Path, None], vpg, load=None):
         self.vpg = vpg
         self.load = load or load_image
-        tag = getattr(vpg, "precision_tag", "")  # features computed in bf16 are kept apart from float32 ones
+        tag = vpg.precision_tag  # features computed in bf16 are kept apart from float32 ones
         self.dir = Path(root or default_cache_root()) / f"{vpg.name}-{vpg.fingerprint()}{'-' + tag if tag else ''}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, str] = self._read_index()
