@@ -169,7 +169,9 @@ def test_align_with_three_modalities_swaps_text_with_the_aligned_modality():
         ex.register_forward_hook(lambda mod, inp, out, m=m: calls.setdefault(m, []).append(inp[0].shape[0]))
     mods = torch.tensor([[0, 0, 0, 0, 1, 2, 2]])  # 4 text, 1 image, 2 audio
     model(torch.randint(0, 2000, (1, 7)), modality_ids=mods)
-    assert calls == {2: [4], 1: [1], 0: [2]}  # text -> audio expert, audio -> text expert, image stays
+    # text -> audio expert, image stays; audio -> the text expert, which is frozen and still zero in
+    # this stage, so it adds nothing and is skipped (the audio rows pass through untouched)
+    assert calls == {2: [4], 1: [1]}
 
 
 def _randomise(model):
@@ -274,3 +276,94 @@ def test_no_layers_plugs_nothing_and_the_projector_alone_trains(tiny_run_config,
     changed = {n for n, p in vlm.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("pill_projector.") for n in changed), changed
     assert {n for n, p in vlm.named_parameters() if p.requires_grad} == {n for n in before if n.startswith("pill_projector.")}
+
+
+def _adapter_calls(model) -> dict[str, int]:
+    """Forward calls per plug-in kind (attention adapters, text experts, image experts), counted by hooks."""
+    calls = {"attn": 0, "expert:0": 0, "expert:1": 0}
+
+    def count(key):
+        def hook(*_):
+            calls[key] += 1
+        return hook
+
+    for m in model.modules():
+        if isinstance(m, PillAttnInput):
+            m.pill_adapter.register_forward_hook(count("attn"))
+        elif isinstance(m, PillFFNInput):
+            for i, e in enumerate(m.pill_experts.experts):
+                e.register_forward_hook(count(f"expert:{i}"))
+    return calls
+
+
+def _loss_and_grads(model, ids, mods):
+    model.zero_grad(set_to_none=True)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # as a projector's output would
+    loss = model(inputs_embeds=embeds, modality_ids=mods).logits.square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), embeds.grad, grads
+
+
+def test_plugins_that_add_nothing_are_skipped_and_the_results_are_the_same(monkeypatch):
+    """Align stage from scratch: the attention adapters and the text expert are frozen and still zero,
+    so they add exactly nothing; the layers skip them, with the same loss and gradients as running them."""
+    import pill.modules.experts as experts_module
+    import pill.plug as plug_module
+
+    torch.manual_seed(0)
+    model = build_llm_from_config("llama")
+    plug(model)
+    set_stage(model, "align")
+    with torch.no_grad():  # a partly trained image expert, as in the middle of stage 1
+        for n, p in pill_parameters(model).items():
+            if ".experts.1." in n:
+                p.normal_(std=0.2)
+    set_stage(model, "align")
+    ids = torch.randint(0, 2000, (2, 10))
+    mods = torch.zeros(2, 10, dtype=torch.long)
+    mods[:, 2:5] = 1
+    calls = _adapter_calls(model)
+    skipped = _loss_and_grads(model, ids, mods)
+    layers = model.config.num_hidden_layers
+    # the image expert runs on the image rows, and in the last layer (swapped) on the text rows
+    assert calls == {"attn": 0, "expert:0": 0, "expert:1": layers}
+    for m in (plug_module, experts_module):
+        monkeypatch.setattr(m, "is_inert", lambda adapter: False)
+    run = _loss_and_grads(model, ids, mods)
+    assert calls["attn"] == layers and calls["expert:0"] == layers  # now they ran (adding zeros)
+    assert torch.equal(skipped[0], run[0]) and torch.allclose(skipped[1], run[1], rtol=0, atol=1e-7)
+    assert set(skipped[2]) == set(run[2]) and all(n.count(".experts.1.") for n in skipped[2])
+    for n, g in skipped[2].items():
+        assert torch.allclose(g, run[2][n], rtol=0, atol=1e-7), n
+
+
+def test_an_adapter_is_skipped_only_while_it_holds_its_zeros_and_nothing_trains_it():
+    from pill.modules import is_inert
+
+    torch.manual_seed(0)
+    model = build_llm_from_config("llama")
+    plug(model)
+    adapter = model.model.layers[0].input_layernorm.pill_adapter
+    ids = torch.randint(0, 2000, (1, 6))
+    assert not is_inert(adapter)  # finetune: it trains, and its zero output projection gets a gradient
+    with torch.no_grad():
+        assert is_inert(adapter)  # no gradient asked: an untrained model's adapters add nothing
+    set_stage(model, "align")
+    assert is_inert(adapter)
+    model.load_state_dict({k: v + 1 for k, v in model.state_dict().items() if k.endswith("layers.0.input_layernorm.pill_adapter.w_up.weight")},
+                          strict=False)  # a load writes in place: the version counter moves
+    assert not is_inert(adapter)
+    set_stage(model, "align")  # set_stage reads the values again: not zero
+    assert not is_inert(adapter)
+    with torch.no_grad():
+        adapter.w_up.weight.zero_()
+    assert not is_inert(adapter)  # written since the stamp: not trusted until values are read again
+    set_stage(model, "align")
+    assert is_inert(adapter)
+    adapter.w_up.weight.data.fill_(0.5)  # a write through .data, which no version counter sees ...
+    set_stage(model, "align")  # ... is caught when the stage is set
+    assert not is_inert(adapter)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.isfinite(out).all()

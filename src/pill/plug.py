@@ -38,7 +38,8 @@ from .config import PillConfig
 from .errors import ConfigError, DataError
 from .families import Family, family_of
 from .modalities import IMAGE, TEXT
-from .modules import ModalityAttentionGate, ModalityExperts, Routing, build_adapter, route
+from .modules import ModalityAttentionGate, ModalityExperts, Routing, build_adapter, is_inert, route
+from .modules.adapter import ADAPTERS, refresh_zero_stamp
 
 PREFIX = "pill_"
 
@@ -156,6 +157,8 @@ class PillAttnInput(nn.Module):
         return {"attn_adapter": [(f"pill_adapter.{n}", p) for n, p in self.pill_adapter.named_parameters()]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        if is_inert(self.pill_adapter):  # adds exactly nothing (align stage, untrained model): skip it
+            return self.base(x)
         return _maybe_recompute(self._state[0], self._forward, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,8 +189,8 @@ class PillFFNInput(nn.Module):
         return _maybe_recompute(state, self._forward, x, routing)
 
     def _forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        n2 = self.base(x)
-        return n2 + self.pill_experts(n2, routing=routing)  # the experts handle dtypes themselves
+        # n2 + Expert[m](n2), skipping experts that add nothing; the experts handle dtypes themselves
+        return self.pill_experts.residual(self.base(x), routing)
 
 
 class PillValueProj(nn.Module):
@@ -431,6 +434,11 @@ def set_stage(model: nn.Module, stage: str, align_modality: int = IMAGE) -> None
         on = any(fnmatchcase(group, t) for t in train) and not any(fnmatchcase(group, f) for f in freeze)
         for _, p in params:
             p.requires_grad_(on)
+    # which adapters still hold their zero output projection (frozen ones are skipped): read once
+    # here, so that no forward reads a value
+    for m in model.modules():
+        if isinstance(m, ADAPTERS):
+            refresh_zero_stamp(m)
 
 
 class _CallableModule(types.ModuleType):

@@ -9,6 +9,44 @@ import torch.nn.functional as F
 GATE_INITS = ("normal", "torch_default")
 
 
+def _stamp(w: torch.Tensor) -> tuple[int, int]:
+    return w.data_ptr(), w._version
+
+
+def mark_zero(adapter: nn.Module) -> None:
+    """Record that ``adapter``'s output projection holds zeros now (right after its zero init)."""
+    adapter._zero_stamp = _stamp(adapter.w_up.weight)
+
+
+def refresh_zero_stamp(adapter: nn.Module) -> None:
+    """Read ``adapter``'s output projection once (one host read): stamp it when it holds zeros,
+    drop the stamp when it does not (a meta tensor, which holds no values, is never stamped)."""
+    w = adapter.w_up.weight
+    if w.is_meta or w.any():
+        adapter._zero_stamp = None
+    else:
+        mark_zero(adapter)
+
+
+def is_inert(adapter: nn.Module) -> bool:
+    """True when ``adapter`` adds exactly nothing and no gradient is asked of it, so that a caller may
+    skip it: its output projection still holds the zeros of its initialisation and every parameter is
+    frozen (or autograd is off). The plugged layers skip such adapters: in the align stage the
+    attention adapters and the text expert, in an untrained model every adapter.
+
+    "Still holds the zeros" is known without reading a value (no host sync): the projection's
+    storage and version counter are those recorded at the zero init (:func:`mark_zero`); any write
+    since (a load, an optimizer step, a move to another device) changes one of them. A write through
+    ``.data`` bypasses the version counter: :func:`refresh_zero_stamp` (which
+    :func:`pill.plug.set_stage` runs) reads the values again.
+    """
+    if torch.is_grad_enabled() and any(p.requires_grad for p in adapter.parameters()):
+        return False
+    if torch.compiler.is_compiling():  # no version counters in a traced graph: always run the adapter
+        return False
+    return getattr(adapter, "_zero_stamp", None) == _stamp(adapter.w_up.weight)
+
+
 class SwiGLUAdapter(nn.Module):
     """``A(z) = W_up(silu(W_g z) * (W_d z))`` with ``W_g, W_d: d -> r`` and ``W_up: r -> d``, no biases.
 
@@ -28,6 +66,7 @@ class SwiGLUAdapter(nn.Module):
             nn.init.normal_(self.w_gate.weight, std=init_std)
         nn.init.normal_(self.w_down.weight, std=init_std)
         nn.init.zeros_(self.w_up.weight)
+        mark_zero(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # z: (..., d) -> (..., d)
@@ -47,10 +86,14 @@ class ClassicAdapter(nn.Module):
         self.w_up = nn.Linear(r, dim, bias=False)
         nn.init.normal_(self.w_down.weight, std=init_std)
         nn.init.zeros_(self.w_up.weight)
+        mark_zero(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # z: (..., d) -> (..., d)
         return self.w_up(self.act(self.w_down(z)))
+
+
+ADAPTERS = (SwiGLUAdapter, ClassicAdapter)  # the adapter kinds (both zero-initialised, both with w_up)
 
 
 def build_adapter(kind: str, dim: int, r: int, activation: str = "gelu", init_std: float = 0.02,

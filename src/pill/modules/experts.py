@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DataError
+from .adapter import is_inert
 
 SHARED = "expert:shared"  # group of the one FFN adapter of the no-MoMAE ablation
 
@@ -147,6 +148,27 @@ class ModalityExperts(nn.Module):
         parts = _SplitRows.apply(flat, *routing.rows)  # gather: [(N_k, d)]
         results = [self.experts[e](p) for e, p in zip(routing.experts, parts)]  # each token, its own expert
         return _MergeRows.apply(flat.shape[0], routing.rows, *results).view_as(x)  # scatter back
+
+    def residual(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """``x + Expert[m](x)`` per token (the MoMAE sublayer), where the experts that add nothing
+        (:func:`~pill.modules.adapter.is_inert`: zero output projection, nothing to train) are
+        skipped: in the align stage the frozen text expert's rows pass through untouched and only
+        the aligned modality's rows are gathered, run through their expert and added back."""
+        groups = (0,) if self.shared else routing.experts
+        live = [k for k, e in enumerate(groups) if not is_inert(self.experts[e])]
+        if len(live) == len(groups):
+            return x + self(x, routing=routing)
+        if not live:
+            return x
+        flat = x.reshape(-1, x.shape[-1])  # (N, d); here rows is set: an inert expert is never the only one
+        dtype = self.experts[0].w_up.weight.dtype
+        own = x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)
+        for k in live:
+            rows = routing.rows[k]
+            part = flat.index_select(0, rows)
+            out = self.experts[groups[k]](part.to(dtype) if own else part)
+            flat = flat.index_add(0, rows, out.to(flat.dtype))
+        return flat.view_as(x)
 
     def forward_dense(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
         """Reference formulation: every expert on every token, then select. Same result, M x the cost."""
