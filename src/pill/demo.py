@@ -32,7 +32,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs" / "demo"
 # CPU with native bf16 (all of it in the frozen LLM's matrix products), so in float32 the demo takes
 # about twice as long; halving the steps instead to stay within 15 minutes cost far more accuracy
 # (README, "Quick start": 46% instead of 65% on a 2-core CPU without bf16).
-FLOAT32_NOTE = ("this CPU trains in float32, slower than with native bf16: expect about 20 minutes on 2 cores "
+FLOAT32_NOTE = ("this CPU trains in float32, slower than with native bf16: expect about 19-21 minutes on 2 cores "
                 "with AVX-512, 25-30 with AVX2 only, instead of about 14")
 
 
