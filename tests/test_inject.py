@@ -367,3 +367,37 @@ def test_an_adapter_is_skipped_only_while_it_holds_its_zeros_and_nothing_trains_
     with torch.no_grad():
         out = model(ids).logits
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_skipping_in_a_bf16_model_gives_the_same_logits(monkeypatch, autocast):
+    """The skip's partial path (only the aligned modality's rows through their expert) with float32
+    plug-ins on a bf16 base model, and under bf16 autocast: the same logits as running every expert."""
+    import contextlib
+
+    import pill.modules.experts as experts_module
+    import pill.plug as plug_module
+
+    torch.manual_seed(0)
+    model = build_llm_from_config("llama")
+    if not autocast:
+        model = model.to(torch.bfloat16)
+    plug(model)
+    with torch.no_grad():
+        for n, p in pill_parameters(model).items():
+            if ".experts.1." in n:
+                p.normal_(std=0.2)
+    set_stage(model, "align")
+    ids, mods = torch.randint(0, 100, (2, 6)), torch.tensor([[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+    def logits():
+        with ctx:
+            return model(ids, modality_ids=mods).logits
+
+    calls = _adapter_calls(model)
+    skipped = logits()
+    assert calls["attn"] == calls["expert:0"] == 0 and calls["expert:1"] > 0
+    for m in (plug_module, experts_module):
+        monkeypatch.setattr(m, "is_inert", lambda adapter: False)
+    assert torch.equal(skipped, logits())
