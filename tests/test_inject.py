@@ -278,6 +278,23 @@ def test_no_layers_plugs_nothing_and_the_projector_alone_trains(tiny_run_config,
     assert {n for n, p in vlm.named_parameters() if p.requires_grad} == {n for n in before if n.startswith("pill_projector.")}
 
 
+def _train_image_expert_a_little(model) -> None:
+    """A partly trained image expert, as in the middle of stage 1."""
+    with torch.no_grad():
+        for n, p in pill_parameters(model).items():
+            if ".experts.1." in n:
+                p.normal_(std=0.2)
+
+
+def _never_skip(monkeypatch) -> None:
+    """Run every adapter, inert or not (the reference for the skip)."""
+    import pill.modules.experts as experts_module
+    import pill.plug as plug_module
+
+    for m in (plug_module, experts_module):
+        monkeypatch.setattr(m, "is_inert", lambda adapter: False)
+
+
 def _adapter_calls(model) -> dict[str, int]:
     """Forward calls per plug-in kind (attention adapters, text experts, image experts), counted by hooks."""
     calls = {"attn": 0, "expert:0": 0, "expert:1": 0}
@@ -308,17 +325,11 @@ def _loss_and_grads(model, ids, mods):
 def test_plugins_that_add_nothing_are_skipped_and_the_results_are_the_same(monkeypatch):
     """Align stage from scratch: the attention adapters and the text expert are frozen and still zero,
     so they add exactly nothing; the layers skip them, with the same loss and gradients as running them."""
-    import pill.modules.experts as experts_module
-    import pill.plug as plug_module
-
     torch.manual_seed(0)
     model = build_llm_from_config("llama")
     plug(model)
     set_stage(model, "align")
-    with torch.no_grad():  # a partly trained image expert, as in the middle of stage 1
-        for n, p in pill_parameters(model).items():
-            if ".experts.1." in n:
-                p.normal_(std=0.2)
+    _train_image_expert_a_little(model)
     set_stage(model, "align")
     ids = torch.randint(0, 2000, (2, 10))
     mods = torch.zeros(2, 10, dtype=torch.long)
@@ -328,8 +339,7 @@ def test_plugins_that_add_nothing_are_skipped_and_the_results_are_the_same(monke
     layers = model.config.num_hidden_layers
     # the image expert runs on the image rows, and in the last layer (swapped) on the text rows
     assert calls == {"attn": 0, "expert:0": 0, "expert:1": layers}
-    for m in (plug_module, experts_module):
-        monkeypatch.setattr(m, "is_inert", lambda adapter: False)
+    _never_skip(monkeypatch)
     run = _loss_and_grads(model, ids, mods)
     assert calls["attn"] == layers and calls["expert:0"] == layers  # now they ran (adding zeros)
     assert torch.equal(skipped[0], run[0]) and torch.allclose(skipped[1], run[1], rtol=0, atol=1e-7)
@@ -375,18 +385,12 @@ def test_skipping_in_a_bf16_model_gives_the_same_logits(monkeypatch, autocast):
     plug-ins on a bf16 base model, and under bf16 autocast: the same logits as running every expert."""
     import contextlib
 
-    import pill.modules.experts as experts_module
-    import pill.plug as plug_module
-
     torch.manual_seed(0)
     model = build_llm_from_config("llama")
     if not autocast:
         model = model.to(torch.bfloat16)
     plug(model)
-    with torch.no_grad():
-        for n, p in pill_parameters(model).items():
-            if ".experts.1." in n:
-                p.normal_(std=0.2)
+    _train_image_expert_a_little(model)
     set_stage(model, "align")
     ids, mods = torch.randint(0, 100, (2, 6)), torch.tensor([[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -398,6 +402,5 @@ def test_skipping_in_a_bf16_model_gives_the_same_logits(monkeypatch, autocast):
     calls = _adapter_calls(model)
     skipped = logits()
     assert calls["attn"] == calls["expert:0"] == 0 and calls["expert:1"] > 0
-    for m in (plug_module, experts_module):
-        monkeypatch.setattr(m, "is_inert", lambda adapter: False)
+    _never_skip(monkeypatch)
     assert torch.equal(skipped, logits())

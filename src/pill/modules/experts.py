@@ -161,12 +161,9 @@ class ModalityExperts(nn.Module):
         if not live:
             return x
         flat = x.reshape(-1, x.shape[-1])  # (N, d); here rows is set: an inert expert is never the only one
-        dtype = self.experts[0].w_up.weight.dtype
-        own = x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)
         for k in live:
             rows = routing.rows[k]
-            part = flat.index_select(0, rows)
-            out = self.experts[groups[k]](part.to(dtype) if own else part)
+            out = self(flat.index_select(0, rows), routing=Routing.single(groups[k]))  # forward handles dtypes
             flat = flat.index_add(0, rows, out.to(flat.dtype))
         return flat.view_as(x)
 
